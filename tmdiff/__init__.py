@@ -1,0 +1,1 @@
+"""tmdiff: tri-modal masked diffusion pretraining in JAX."""

@@ -1,0 +1,153 @@
+"""Absorbing-state masked diffusion: corruption and the continuous-time ELBO, inside jit.
+
+Negative ELBO per sequence:  E_t E_xt [ sum_{i masked} w_m(i)(t) * -log p(x0_i | xt) ],
+w_m(t) = -alpha_m'(t) / (1 - alpha_m(t)) with one schedule per modality m, applied per token
+inside one packed sequence. Each segment (document) draws its own t.
+
+Anti-masking: rows 2k and 2k+1 carry the same example (the train step duplicates each loaded
+row), the same t and the same uniform draws; row 2k+1 masks exactly the complement of row 2k. The complement is
+a forward-process draw at time 1 - t of the reversed schedule beta_m(s) = 1 - alpha_m(1 - s),
+whose ELBO weight is -alpha_m'(t) / alpha_m(t); with one shared schedule (or any linear
+schedules) both rows estimate the same ELBO, so every token is supervised once per pair.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tmdiff.data import vocab as vocab_lib
+from tmdiff.diffusion import schedules as schedules_lib
+
+TIME_SAMPLING = ("iid", "stratified")
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  schedules: tuple  # one Schedule per modality (text, image, audio)
+  mask_id: int
+  t_min: float = 1e-3
+  time_sampling: str = "stratified"
+  anti_masking: bool = False
+  cond_target_only_prob: float = 0.0
+  cond_drop_prob: float = 0.0
+
+  @classmethod
+  def from_config(cls, diffusion_cfg, layout: vocab_lib.VocabLayout) -> "Objective":
+    d = diffusion_cfg
+    scheds = tuple(schedules_lib.make_schedule(d.schedule[m], poly_exponent=d.poly_exponent)
+                   for m in vocab_lib.MODALITIES)
+    return cls(scheds, layout.mask, float(d.t_min), d.time_sampling, bool(d.anti_masking),
+               float(d.cond_target_only_prob), float(d.cond_drop_prob))
+
+  @property
+  def t_max(self) -> float:
+    return 1.0 - self.t_min if self.anti_masking else 1.0
+
+
+class Corruption(NamedTuple):
+  tokens: jax.Array      # [B, L] noisy input (masked positions hold <mask>)
+  supervised: jax.Array  # [B, L] bool: masked target tokens that enter the loss
+  weight: jax.Array      # [B, L] float32 ELBO weight of each supervised token
+  elbo_mask: jax.Array   # [B, L] bool: tokens whose likelihood the estimate covers
+  t: jax.Array           # [B, L] float32 time of each token's segment
+
+
+def sample_times(rng, rows: int, slots: int, obj: Objective) -> jax.Array:
+  """[rows, slots] times in [t_min, t_max]; 'stratified' spreads each slot over the batch."""
+  if obj.time_sampling == "iid":
+    u = jax.random.uniform(rng, (rows, slots))
+  elif obj.time_sampling == "stratified":
+    offset_rng, perm_rng = jax.random.split(rng)
+    offsets = jax.random.uniform(offset_rng, (1, slots))
+    strata = jnp.arange(rows, dtype=jnp.float32)[:, None] / rows
+    u = (offsets + strata) % 1.0
+    u = jax.random.permutation(perm_rng, u, axis=0, independent=True)
+  else:
+    raise ValueError(f"unknown time_sampling {obj.time_sampling!r}; choose from {TIME_SAMPLING}")
+  return obj.t_min + (obj.t_max - obj.t_min) * u
+
+
+def _per_modality(values_by_modality, modality):
+  out = values_by_modality[0]
+  for m in range(1, len(values_by_modality)):
+    out = jnp.where(modality == m, values_by_modality[m], out)
+  return out
+
+
+def corrupt(batch, rng, obj: Objective, max_segments: int) -> Corruption:
+  """Masks the batch for one training step. All randomness comes from `rng`."""
+  tokens, segment_ids, modality = batch["tokens"], batch["segment_ids"], batch["modality"]
+  loss_mask = batch["loss_mask"].astype(bool)
+  cond = batch["cond_mask"].astype(bool)
+  b, length = tokens.shape
+  groups = b // 2 if obj.anti_masking else b
+  t_rng, r_rng, flag_rng = jax.random.split(rng, 3)
+
+  def per_row(x):  # one draw per example (pair) -> one per row
+    return jnp.repeat(x, 2, axis=0) if obj.anti_masking else x
+
+  t_slots = per_row(sample_times(t_rng, groups, max_segments + 1, obj))
+  t = jnp.take_along_axis(t_slots, segment_ids, axis=1)
+  r = per_row(jax.random.uniform(r_rng, (groups, length)))
+  flag = per_row(jax.random.uniform(flag_rng, (groups, 1)))
+  drop_cond = flag < obj.cond_drop_prob
+  target_only = (flag >= obj.cond_drop_prob) & (
+      flag < obj.cond_drop_prob + obj.cond_target_only_prob)
+
+  alpha = _per_modality([s.alpha(t) for s in obj.schedules], modality)
+  dalpha = _per_modality([s.dalpha(t) for s in obj.schedules], modality)
+  masked = r < 1.0 - alpha
+  weight = _per_modality([s.weight(t) for s in obj.schedules], modality)
+  if obj.anti_masking:
+    complement = (jnp.arange(b) % 2 == 1)[:, None]
+    masked = jnp.where(complement, ~masked, masked)
+    weight = jnp.where(complement, -dalpha / alpha, weight)
+
+  frozen_cond = cond & (drop_cond | target_only)
+  elbo_mask = loss_mask & ~frozen_cond
+  supervised = masked & elbo_mask
+  noisy = jnp.where(supervised | (cond & drop_cond), obj.mask_id, tokens)
+  weight = jnp.where(supervised, weight, 0.0).astype(jnp.float32)
+  return Corruption(noisy, supervised, weight, elbo_mask, t.astype(jnp.float32))
+
+
+def modality_logit_bias(layout: vocab_lib.VocabLayout) -> np.ndarray:
+  """[3, V_padded] float32: 0 where a prediction of that modality may land, -inf elsewhere."""
+  allowed = np.stack([layout.allowed_logits_mask(m) for m in range(len(vocab_lib.MODALITIES))])
+  return np.where(allowed, 0.0, -np.inf).astype(np.float32)
+
+
+def target_log_probs(logits, targets, modality, logit_bias):
+  """log p(target) under the modality-restricted softmax. logits [..., V] float32."""
+  logits = logits + jnp.asarray(logit_bias)[modality]
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return target_logit - log_z
+
+
+def elbo_sums(target_logp, corruption: Corruption, modality) -> dict:
+  """Per-modality sums: weighted NLL of supervised tokens, and tokens covered."""
+  nll = jnp.where(corruption.supervised, -target_logp * corruption.weight, 0.0)
+  one_hot = jax.nn.one_hot(modality, len(vocab_lib.MODALITIES), dtype=jnp.float32)
+  return {
+      "nll": jnp.einsum("bl,blm->m", nll, one_hot),
+      "tokens": jnp.einsum("bl,blm->m", corruption.elbo_mask.astype(jnp.float32), one_hot),
+      "masked": jnp.einsum("bl,blm->m", corruption.supervised.astype(jnp.float32), one_hot),
+  }
+
+
+def summarize(sums: dict) -> dict:
+  """Loss (negative ELBO in nats per covered token) and bits per token per modality."""
+  out = {"loss": sums["nll"].sum() / jnp.maximum(sums["tokens"].sum(), 1.0)}
+  for m, name in enumerate(vocab_lib.MODALITIES):
+    per_token = sums["nll"][m] / jnp.maximum(sums["tokens"][m], 1.0)
+    out[f"bits_per_token/{name}"] = per_token / LN2
+    out[f"token_fraction/{name}"] = sums["tokens"][m] / jnp.maximum(sums["tokens"].sum(), 1.0)
+  out["bits_per_token/all"] = out["loss"] / LN2
+  return out

@@ -1,0 +1,124 @@
+"""Masking schedules: alpha(t) = probability that a token is still clean at time t in [0, 1].
+
+Each schedule gives alpha(t), alpha'(t) and the ELBO weight -alpha'(t) / (1 - alpha(t)),
+with alpha(0) = 1 (clean) and alpha(1) ~ 0 (fully masked).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+
+class Schedule:
+  name: str
+
+  def alpha(self, t):
+    raise NotImplementedError
+
+  def dalpha(self, t):
+    raise NotImplementedError
+
+  def weight(self, t):
+    """ELBO weight of a masked token at time t: -alpha'(t) / (1 - alpha(t))."""
+    return -self.dalpha(t) / (1.0 - self.alpha(t))
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear(Schedule):
+  name = "linear"
+
+  def alpha(self, t):
+    return 1.0 - t
+
+  def dalpha(self, t):
+    return -jnp.ones_like(t)
+
+  def weight(self, t):
+    return 1.0 / t
+
+
+@dataclasses.dataclass(frozen=True)
+class Cosine(Schedule):
+  """alpha = 1 - cos(pi/2 (1 - t)): masks slowly at first, fast near t = 1."""
+  name = "cosine"
+
+  def alpha(self, t):
+    return 1.0 - jnp.cos(0.5 * math.pi * (1.0 - t))
+
+  def dalpha(self, t):
+    return -0.5 * math.pi * jnp.sin(0.5 * math.pi * (1.0 - t))
+
+  def weight(self, t):
+    return 0.5 * math.pi * jnp.tan(0.5 * math.pi * (1.0 - t))
+
+
+@dataclasses.dataclass(frozen=True)
+class Polynomial(Schedule):
+  """alpha = 1 - t^p; p > 1 keeps tokens clean longer."""
+  exponent: float = 2.0
+  name = "polynomial"
+
+  def alpha(self, t):
+    return 1.0 - t ** self.exponent
+
+  def dalpha(self, t):
+    return -self.exponent * t ** (self.exponent - 1.0)
+
+  def weight(self, t):
+    return self.exponent / t
+
+
+@dataclasses.dataclass(frozen=True)
+class LogLinear(Schedule):
+  """MDLM's log-linear noise: total noise sigma(t) = -log(1 - (1 - eps) t), alpha = exp(-sigma)."""
+  eps: float = 1e-3
+  name = "loglinear"
+
+  def alpha(self, t):
+    return 1.0 - (1.0 - self.eps) * t
+
+  def dalpha(self, t):
+    return -(1.0 - self.eps) * jnp.ones_like(t)
+
+  def weight(self, t):
+    return 1.0 / t
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometric(Schedule):
+  """alpha = exp(-sigma_min^(1-t) sigma_max^t)."""
+  sigma_min: float = 1e-4
+  sigma_max: float = 20.0
+  name = "geometric"
+
+  def _sigma(self, t):
+    return self.sigma_min ** (1.0 - t) * self.sigma_max ** t
+
+  def alpha(self, t):
+    return jnp.exp(-self._sigma(t))
+
+  def dalpha(self, t):
+    return -self.alpha(t) * self._sigma(t) * math.log(self.sigma_max / self.sigma_min)
+
+  def weight(self, t):
+    sigma = self._sigma(t)
+    return sigma * math.log(self.sigma_max / self.sigma_min) / jnp.expm1(sigma)
+
+
+SCHEDULES = ("linear", "cosine", "polynomial", "loglinear", "geometric")
+
+
+def make_schedule(name: str, *, poly_exponent: float = 2.0) -> Schedule:
+  if name == "linear":
+    return Linear()
+  if name == "cosine":
+    return Cosine()
+  if name == "polynomial":
+    return Polynomial(poly_exponent)
+  if name == "loglinear":
+    return LogLinear()
+  if name == "geometric":
+    return Geometric()
+  raise ValueError(f"unknown schedule {name!r}; choose from {SCHEDULES}")

@@ -1,0 +1,1 @@
+"""tmdiff.scaling."""

@@ -1,0 +1,105 @@
+"""Orbax checkpoints: train state, data-iterator state and config in one step directory.
+
+Restores always go into an abstract target carrying the target shardings, so a checkpoint
+written on one mesh resumes (or evaluates) on another.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+STATE, DATA, CONFIG = "state", "data", "config"
+
+
+class CheckpointError(RuntimeError):
+  """A missing or unreadable checkpoint; the message names the directory."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
+      create=not read_only)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=(STATE, DATA, CONFIG))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_state, config) -> None:
+  args = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(json.loads(config.to_json()))}
+  if data_state is not None:
+    args[DATA] = ocp.args.JsonSave(data_state)
+  manager.save(step, args=ocp.args.Composite(**args))
+
+
+def _resolve_step(manager, workdir, step):
+  steps = manager.all_steps()
+  if not steps:
+    raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}")
+  if step is None:
+    return manager.latest_step()
+  if step not in steps:
+    raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; "
+                          f"available: {sorted(steps)}")
+  return step
+
+
+def restore(manager: ocp.CheckpointManager, workdir: str, abstract_state, *, step=None,
+            with_data: bool = True):
+  """-> (step, state, data_state or None), state placed as `abstract_state`'s shardings say."""
+  step = _resolve_step(manager, workdir, step)
+  args = {STATE: ocp.args.StandardRestore(abstract_state)}
+  item_dir = os.path.join(checkpoint_dir(workdir), str(step))
+  has_data = os.path.isdir(os.path.join(item_dir, DATA))
+  if with_data and has_data:
+    args[DATA] = ocp.args.JsonRestore()
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**args))
+  except Exception as e:  # orbax raises many types; name the checkpoint
+    raise CheckpointError(f"cannot restore step {step} from {item_dir}: {e}") from e
+  data_state = restored[DATA] if (with_data and has_data) else None
+  logging.info("restored step %d from %s", step, item_dir)
+  return step, restored[STATE], data_state
+
+
+def restore_params(workdir: str, abstract_params, *, step=None):
+  """Parameters only (for eval and sampling), onto the shardings of `abstract_params`."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"no checkpoint directory {directory}")
+  manager = make_manager(workdir, read_only=True)
+  step = _resolve_step(manager, workdir, step)
+  item_dir = os.path.join(directory, str(step), STATE)
+  target = {"params": abstract_params}
+  try:
+    restored = ocp.StandardCheckpointer().restore(
+        item_dir, ocp.args.StandardRestore(target, strict=False) if _has_strict() else target)
+  except Exception as e:
+    raise CheckpointError(f"cannot restore parameters from {item_dir}: {e}") from e
+  return step, restored["params"]
+
+
+def _has_strict() -> bool:
+  import inspect
+  return "strict" in inspect.signature(ocp.args.StandardRestore).parameters
+
+
+def read_config(workdir: str, step=None) -> dict:
+  manager = make_manager(workdir, read_only=True)
+  step = _resolve_step(manager, workdir, step)
+  path = os.path.join(checkpoint_dir(workdir), str(step), CONFIG)
+  restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
+  del path
+  return restored[CONFIG]
+
+
+def wait(manager) -> None:
+  manager.wait_until_finished()
+  jax.effects_barrier()
