@@ -85,7 +85,7 @@ def get_base_config() -> mlc.ConfigDict:
   ))
 
   c.train = mlc.ConfigDict(dict(
-      tokens=0,               # token horizon D; 0 = use steps
+      tokens=0.0,             # token horizon D; 0 = use steps
       steps=100,
       log_every=10,
       eval_every=0,           # 0 = only at the end

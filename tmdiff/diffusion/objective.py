@@ -2,7 +2,8 @@
 
 Negative ELBO per sequence:  E_t E_xt [ sum_{i masked} w_m(i)(t) * -log p(x0_i | xt) ],
 w_m(t) = -alpha_m'(t) / (1 - alpha_m(t)) with one schedule per modality m, applied per token
-inside one packed sequence. Each segment (document) draws its own t.
+inside one packed sequence. Each segment (document) draws its own t, uniform on
+[t_min, t_max]; the integral over [0, t_min) is left out (it vanishes as t_min -> 0).
 
 Anti-masking: rows 2k and 2k+1 carry the same example (the train step duplicates each loaded
 row), the same t and the same uniform draws; row 2k+1 masks exactly the complement of row 2k. The complement is
@@ -109,6 +110,8 @@ def corrupt(batch, rng, obj: Objective, max_segments: int) -> Corruption:
     masked = jnp.where(complement, ~masked, masked)
     weight = jnp.where(complement, -dalpha / alpha, weight)
 
+  # t is uniform on [t_min, t_max]: the interval's length turns the mean into the integral.
+  weight = weight * (obj.t_max - obj.t_min)
   frozen_cond = cond & (drop_cond | target_only)
   elbo_mask = loss_mask & ~frozen_cond
   supervised = masked & elbo_mask

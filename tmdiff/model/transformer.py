@@ -144,6 +144,10 @@ class Transformer(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
 
   def __call__(self, tokens, positions, segment_ids, modality):
+    return self.final_norm(self.residual_stream(tokens, positions, segment_ids, modality))
+
+  def residual_stream(self, tokens, positions, segment_ids, modality):
+    """The residual stream after the last block, before the final norm."""
     x = self.embed[...][tokens] + self.modality_embed[...][modality]
     x = _constrain(x.astype(self.dtype), ("batch", "length", "embed"))
     for block in self.blocks:
@@ -151,7 +155,7 @@ class Transformer(nnx.Module):
         x = nnx.remat(lambda blk, y: blk(y, positions, segment_ids))(block, x)
       else:
         x = block(x, positions, segment_ids)
-    return self.final_norm(x)
+    return x
 
   def unembedding(self):
     """Unembedding matrix [d_model, V] with the CompleteP logit multiplier folded in."""

@@ -166,8 +166,8 @@ class Trainer:
       d = c.optim.ema_decay
       new_state["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
     metrics = obj_lib.summarize(sums)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["param_norm"] = optax.global_norm(params)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["param_norm"] = optax.tree.norm(params)
     metrics["lr"] = self.hp.lr * self.lr_multiplier(step)
     metrics["masked_fraction"] = sums["masked"].sum() / total_tokens
     return new_state, metrics

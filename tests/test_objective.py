@@ -1,0 +1,180 @@
+"""The masked-diffusion objective against exact enumeration and closed forms."""
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tmdiff.data import vocab as vocab_lib
+from tmdiff.diffusion import objective as obj_lib
+from tmdiff.diffusion import schedules as sched_lib
+
+LAYOUT = vocab_lib.VocabLayout(text_size=3, image_size=3, audio_size=3)
+
+
+@pytest.mark.parametrize("name", sched_lib.SCHEDULES)
+def test_schedule_derivative_and_weight(name):
+  s = sched_lib.make_schedule(name, poly_exponent=3.0)
+  t = jnp.linspace(0.02, 0.98, 25)
+  dalpha = jax.vmap(jax.grad(lambda x: s.alpha(x)))(t)
+  np.testing.assert_allclose(s.dalpha(t), dalpha, rtol=1e-4, atol=1e-6)
+  t_mid = t[t > 0.1]  # away from 1 - alpha ~ 0, where the float32 reference cancels
+  np.testing.assert_allclose(s.weight(t_mid), -s.dalpha(t_mid) / (1 - s.alpha(t_mid)), rtol=1e-3)
+  assert abs(float(s.alpha(jnp.float32(0.0))) - 1.0) < 1e-3
+  assert float(s.alpha(jnp.float32(1.0))) < 1e-3
+  assert np.all(np.diff(np.asarray(s.alpha(t))) < 0)
+
+
+def _denoiser_log_probs(noisy, targets, modality, bias):
+  """A fixed denoiser: logits depend on the position and on every noisy token."""
+  vocab = bias.shape[1]
+  length = noisy.shape[-1]
+  table = jax.random.normal(jax.random.key(7), (length, length, vocab, vocab))
+  one_hot = jax.nn.one_hot(noisy, vocab)
+  logits = jnp.einsum("...jv,ijvw->...iw", one_hot, table)
+  return obj_lib.target_log_probs(logits, targets, modality, bias)
+
+
+def _exact_nelbo(tokens, modality, schedules, t_min, t_max, reversed_schedules=False):
+  """Sum over all 2^L mask patterns of the time integral, by Gauss-Legendre quadrature."""
+  bias = obj_lib.modality_logit_bias(LAYOUT)
+  nodes, weights = np.polynomial.legendre.leggauss(400)
+  t = 0.5 * (t_max - t_min) * nodes + 0.5 * (t_max + t_min)
+  w_t = 0.5 * (t_max - t_min) * weights
+  length = len(tokens)
+  alpha, wgt = [], []
+  for i in range(length):
+    s = schedules[modality[i]]
+    if reversed_schedules:  # beta(u) = 1 - alpha(1 - u)
+      a = 1.0 - np.asarray(s.alpha(1.0 - t))
+      w = -np.asarray(s.dalpha(1.0 - t)) / (1.0 - a)
+    else:
+      a = np.asarray(s.alpha(t))
+      w = np.asarray(s.weight(t))
+    alpha.append(a)
+    wgt.append(w)
+  total = 0.0
+  for pattern in itertools.product([0, 1], repeat=length):
+    mask = np.array(pattern, bool)
+    if not mask.any():
+      continue
+    noisy = np.where(mask, LAYOUT.mask, tokens)
+    logp = np.asarray(_denoiser_log_probs(jnp.asarray(noisy), jnp.asarray(tokens),
+                                          jnp.asarray(modality), bias))
+    prob = np.ones_like(t)
+    for i in range(length):
+      prob = prob * ((1 - alpha[i]) if mask[i] else alpha[i])
+    for i in np.flatnonzero(mask):
+      total += np.sum(w_t * prob * wgt[i]) * -logp[i]
+  return total
+
+
+def _batch(tokens, modality, rows):
+  length = len(tokens)
+  tile = lambda x: jnp.tile(jnp.asarray(x, jnp.int32)[None], (rows, 1))
+  return {"tokens": tile(tokens), "segment_ids": tile(np.ones(length)),
+          "positions": tile(np.arange(length)), "modality": tile(modality),
+          "loss_mask": tile(np.ones(length)), "cond_mask": tile(np.zeros(length))}
+
+
+def _mc_nelbo_per_row(obj, tokens, modality, rows, draws):
+  bias = obj_lib.modality_logit_bias(LAYOUT)
+  batch = _batch(tokens, modality, rows)
+
+  def one(key):
+    c = obj_lib.corrupt(batch, key, obj, max_segments=1)
+    logp = _denoiser_log_probs(c.tokens, batch["tokens"], batch["modality"], bias)
+    return jnp.sum(jnp.where(c.supervised, -logp * c.weight, 0.0), axis=1)
+  return np.asarray(jax.lax.map(one, jax.random.split(jax.random.key(0), draws)))  # [draws, rows]
+
+
+TOKENS = np.array([LAYOUT.text_range[0], LAYOUT.text_range[0] + 2, LAYOUT.image_range[0] + 1,
+                   LAYOUT.image_range[0]])
+MODALITY = np.array([0, 0, 1, 1])
+
+
+@pytest.mark.parametrize("sampling", ["iid", "stratified"])
+@pytest.mark.parametrize("image_schedule", ["linear", "cosine"])
+def test_estimator_matches_exact_elbo(sampling, image_schedule):
+  schedules = (sched_lib.Linear(), sched_lib.make_schedule(image_schedule), sched_lib.Linear())
+  obj = obj_lib.Objective(schedules, LAYOUT.mask, t_min=0.01, time_sampling=sampling)
+  exact = _exact_nelbo(TOKENS, MODALITY, schedules, obj.t_min, obj.t_max)
+  est = _mc_nelbo_per_row(obj, TOKENS, MODALITY, rows=8, draws=3000).reshape(-1)
+  stderr = est.std() / math.sqrt(est.size)
+  assert abs(est.mean() - exact) < 4 * stderr + 1e-3, (est.mean(), exact, stderr)
+
+
+@pytest.mark.parametrize("image_schedule", ["linear", "cosine"])
+def test_anti_masking_pairs_are_complements_and_unbiased(image_schedule):
+  schedules = (sched_lib.Linear(), sched_lib.make_schedule(image_schedule), sched_lib.Linear())
+  obj = obj_lib.Objective(schedules, LAYOUT.mask, t_min=0.01, anti_masking=True)
+  batch = _batch(TOKENS, MODALITY, rows=8)
+  c = obj_lib.corrupt(batch, jax.random.key(3), obj, max_segments=1)
+  sup = np.asarray(c.supervised)
+  np.testing.assert_array_equal(sup[0::2], ~sup[1::2])  # every token supervised once per pair
+  np.testing.assert_array_equal(np.asarray(c.t)[0::2], np.asarray(c.t)[1::2])
+
+  est = _mc_nelbo_per_row(obj, TOKENS, MODALITY, rows=8, draws=3000)
+  first, second = est[:, 0::2].reshape(-1), est[:, 1::2].reshape(-1)
+  exact_first = _exact_nelbo(TOKENS, MODALITY, schedules, obj.t_min, obj.t_max)
+  exact_second = _exact_nelbo(TOKENS, MODALITY, schedules, obj.t_min, obj.t_max,
+                              reversed_schedules=True)
+  for est_rows, exact in ((first, exact_first), (second, exact_second)):
+    stderr = est_rows.std() / math.sqrt(est_rows.size)
+    assert abs(est_rows.mean() - exact) < 4 * stderr + 1e-3, (est_rows.mean(), exact, stderr)
+  if image_schedule == "linear":  # one linear family: both rows estimate the same bound
+    assert abs(exact_first - exact_second) < 1e-6
+  # Anti-masking lowers the variance of the pair mean.
+  iid = _mc_nelbo_per_row(obj_lib.Objective(schedules, LAYOUT.mask, t_min=0.01), TOKENS, MODALITY,
+                          rows=8, draws=3000)
+  assert (first + second).var() / 4 < iid[:, 0::2].reshape(-1).var() / 2 * 1.05
+
+
+def test_linear_schedule_closed_form():
+  """Linear schedule, t_min -> 0: a pattern with k of L masked has weight (k-1)!(L-k)!/L!."""
+  schedules = (sched_lib.Linear(),) * 3
+  tokens, modality = TOKENS[:3], np.zeros(3, int)
+  tokens = np.array([LAYOUT.text_range[0] + i for i in (0, 1, 2)])
+  bias = obj_lib.modality_logit_bias(LAYOUT)
+  closed = 0.0
+  for pattern in itertools.product([0, 1], repeat=3):
+    mask = np.array(pattern, bool)
+    k = mask.sum()
+    if not k:
+      continue
+    logp = np.asarray(_denoiser_log_probs(jnp.asarray(np.where(mask, LAYOUT.mask, tokens)),
+                                          jnp.asarray(tokens), jnp.asarray(modality), bias))
+    closed += math.factorial(k - 1) * math.factorial(3 - k) / math.factorial(3) * -logp[mask].sum()
+  quad = _exact_nelbo(tokens, modality, schedules, 1e-7, 1.0)
+  assert abs(quad - closed) < 1e-3 * closed
+
+
+def test_stratified_times_cover_every_stratum():
+  obj = obj_lib.Objective((sched_lib.Linear(),) * 3, 0, t_min=0.0 + 1e-9)
+  t = np.asarray(obj_lib.sample_times(jax.random.key(1), 64, 3, obj))
+  for slot in range(3):
+    counts = np.histogram(t[:, slot], bins=64, range=(0, 1))[0]
+    assert counts.max() == 1, counts  # exactly one time per 1/64 stratum
+
+
+def test_conditional_masking_and_condition_dropout():
+  rows, length = 4000, 6
+  tokens = np.array([LAYOUT.bos, LAYOUT.text_range[0], LAYOUT.boi] + [LAYOUT.image_range[0]] * 3)
+  batch = _batch(tokens, [0, 0, 0, 1, 1, 1], rows)
+  batch["cond_mask"] = jnp.tile(jnp.array([1, 1, 1, 0, 0, 0], jnp.int32)[None], (rows, 1))
+  obj = obj_lib.Objective((sched_lib.Linear(),) * 3, LAYOUT.mask, cond_target_only_prob=0.5,
+                          cond_drop_prob=0.1)
+  c = obj_lib.corrupt(batch, jax.random.key(0), obj, max_segments=1)
+  cond = np.asarray(batch["cond_mask"]).astype(bool)
+  noisy, sup, cover = np.asarray(c.tokens), np.asarray(c.supervised), np.asarray(c.elbo_mask)
+  dropped = np.all(noisy[:, :3] == LAYOUT.mask, axis=1) & ~np.any(sup[:, :3], axis=1)
+  frozen = ~cover[:, 0]
+  assert abs(frozen.mean() - 0.6) < 0.03       # target-only (0.5) + dropped (0.1)
+  assert abs(dropped.mean() - 0.1) < 0.02
+  assert not np.any(sup & ~cover)              # nothing outside the covered tokens is scored
+  kept = frozen & ~dropped                      # target-only rows keep the condition clean
+  np.testing.assert_array_equal(noisy[kept][:, :3], np.tile(tokens[:3], (kept.sum(), 1)))
+  assert np.any(sup[~frozen][:, :3])           # joint rows also learn the condition
+  assert not np.any(sup[:, :][cond & frozen[:, None]])
