@@ -78,25 +78,21 @@ def restore_params(workdir: str, abstract_params, *, step=None):
   step = _resolve_step(manager, workdir, step)
   item_dir = os.path.join(directory, str(step), STATE)
   target = {"params": abstract_params}
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   try:
-    restored = ocp.StandardCheckpointer().restore(
-        item_dir, ocp.args.StandardRestore(target, strict=False) if _has_strict() else target)
-  except Exception as e:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+          item=target, restore_args=restore_args, partial_restore=True))
+  except Exception as e:  # orbax raises many types; name the checkpoint
     raise CheckpointError(f"cannot restore parameters from {item_dir}: {e}") from e
   return step, restored["params"]
 
 
-def _has_strict() -> bool:
-  import inspect
-  return "strict" in inspect.signature(ocp.args.StandardRestore).parameters
-
-
 def read_config(workdir: str, step=None) -> dict:
+  """The config saved with a checkpoint, as a dict."""
   manager = make_manager(workdir, read_only=True)
   step = _resolve_step(manager, workdir, step)
-  path = os.path.join(checkpoint_dir(workdir), str(step), CONFIG)
   restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
-  del path
   return restored[CONFIG]
 
 
