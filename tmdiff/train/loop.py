@@ -19,6 +19,7 @@ from tmdiff.train import flops as flops_lib
 from tmdiff.train.trainer import Trainer, make_mesh
 
 METRICS_FILE = "metrics.jsonl"
+LAST_VALUE = ("lr", "grad_norm", "param_norm")  # logged as of the step, not averaged
 EVAL_REPORT = "eval_report.json"
 
 
@@ -118,15 +119,20 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
   last = min(hp.steps, stop_after) if stop_after is not None else hp.steps
 
   tick, tick_step = time.perf_counter(), start
-  eval_metrics = {}
+  eval_metrics, interval = {}, None
   for step in range(start + 1, last + 1):
     batch = next(it)
     if step == start + 1:
       batch_lib.check_batch(batch, seq_len=hp.seq_len, layout=trainer.layout,
                             max_segments=config.data.max_segments)
     state, metrics = train_step(state, trainer.put_batch(batch))
+    interval = metrics if interval is None else jax.tree.map(jax.numpy.add, interval, metrics)
     if step % config.train.log_every == 0 or step == last:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      # Means over the logging interval; lr and norms as of this step.
+      now, sums = jax.device_get((metrics, interval))
+      metrics = {k: float(v) / (step - tick_step) for k, v in sums.items()}
+      metrics.update({k: float(now[k]) for k in LAST_VALUE})
+      interval = None
       elapsed = time.perf_counter() - tick
       tokens_per_s = (step - tick_step) * hp.tokens_per_step / elapsed
       metrics["tokens_per_s_per_device"] = tokens_per_s / len(devices)
