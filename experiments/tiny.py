@@ -1,11 +1,16 @@
-"""Tiny tri-modal model for CPU smoke runs and tests (about 1M parameters).
+"""Tiny tri-modal model for CPU runs and tests (about 1M parameters).
 
-  python -m tmdiff.train --config=experiments/tiny.py --workdir=runs/tiny
+  python -m tmdiff.train --config=experiments/tiny.py --workdir=runs/tiny          # synthetic
+  python -m tmdiff.train --config=experiments/tiny.py:runs/data --workdir=runs/tiny  # prepared
 
-Argument `source`: 'synthetic' (default, no prepare step) or a prepared data directory,
-e.g. --config=experiments/tiny.py:runs/data.
+Argument: 'synthetic' (default; in-memory data, no prepare step) or a directory written by
+`python -m tmdiff.data.prepare`, whose manifest sets the vocabulary sizes.
+Expected: ~9k tokens/s on 2 CPU cores; 600 steps x 16 x 128 = 1.2M tokens.
 """
+import os
+
 from tmdiff.configs.base import get_base_config
+from tmdiff.data import records
 
 
 def get_config(arg: str = "synthetic"):
@@ -13,6 +18,10 @@ def get_config(arg: str = "synthetic"):
   if arg and arg != "synthetic":
     c.data.source = "prepared"
     c.data.data_dir = arg
+    if os.path.exists(os.path.join(arg, records.MANIFEST)):
+      vocab = records.Manifest.load(arg).vocab
+      for key in ("text_size", "image_size", "audio_size"):
+        c.vocab[key] = int(vocab[key])
   c.model.d_model = 128
   c.model.n_layers = 2
   c.model.n_heads = 4
@@ -21,7 +30,8 @@ def get_config(arg: str = "synthetic"):
   c.model.d_ff = 384
   c.data.seq_len = 128
   c.data.global_batch = 16
-  c.train.steps = 200
-  c.train.log_every = 20
-  c.train.ckpt_every = 100
+  c.train.steps = 600
+  c.train.log_every = 25
+  c.train.ckpt_every = 200
+  c.train.eval_every = 200
   return c

@@ -117,3 +117,22 @@ def test_schedule_phases_are_fractions_of_the_horizon():
   c.data.global_batch, c.data.seq_len, c.train.tokens = 4, 100, 400 * 1000
   hp = derive(c)
   assert (hp.steps, hp.warmup_steps, hp.decay_steps) == (1000, 100, 200)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_lr_schedule_shapes(schedule):
+  from tmdiff.train.optimizer import lr_multiplier
+  c = get_base_config()
+  c.optim.schedule, c.optim.warmup_frac, c.optim.decay_frac, c.optim.min_lr_ratio = (
+      schedule, 0.1, 0.3, 0.1)
+  c.train.steps = 1000
+  hp = derive(c)
+  f = lambda s: float(lr_multiplier(c.optim, hp)(s))
+  assert f(0) == 0.0 and f(50) == pytest.approx(0.5)
+  assert f(100) == pytest.approx(1.0)
+  if schedule == "cosine":
+    assert f(550) == pytest.approx(0.55, abs=1e-3) and f(1000) == pytest.approx(0.1)
+  elif schedule == "wsd":
+    assert f(699) == pytest.approx(1.0) and f(850) == pytest.approx(0.55) and f(1000) == pytest.approx(0.1)
+  else:
+    assert f(1000) == 1.0

@@ -12,7 +12,7 @@ def get_base_config() -> mlc.ConfigDict:
   c.seed = 0
 
   # Unified vocabulary sizes (tmdiff.data.vocab.VocabLayout).
-  c.vocab = mlc.ConfigDict(dict(text_size=512, image_size=256, audio_size=256))
+  c.vocab = mlc.ConfigDict(dict(text_size=512, image_size=1000, audio_size=1000))
 
   c.model = mlc.ConfigDict(dict(
       d_model=128,
