@@ -1,6 +1,8 @@
 """Shared pieces of the learned (image, audio) tokenizers: params I/O and a jitted trainer."""
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 import sys
@@ -119,3 +121,25 @@ def fit(model: nnx.Module, loss_fn: Callable, sample_batch: Callable[[np.random.
             file=sys.stderr, flush=True)
   nnx.update(model, params)
   return [float(l) for l in losses]
+
+
+class NeuralTokenizerIO:
+  """save/load for a tokenizer made of a config dataclass (`config_class`) and an NNX `model`."""
+  kind: str
+  config_class: type
+
+  def save(self, directory: str) -> None:
+    write_config(directory, self.kind, dataclasses.asdict(self.config))
+    save_params(self.model, os.path.join(directory, PARAMS_FILE))
+
+  @classmethod
+  def load(cls, directory: str):
+    config_dict, params_path = read_config(directory, cls.kind)
+    try:
+      config = cls.config_class(**config_dict)
+    except (TypeError, ValueError) as e:
+      raise base.TokenizerLoadError(
+          f"bad {cls.kind} tokenizer config in {directory}/tokenizer.json: {e}") from None
+    tokenizer = cls(config)
+    load_params(tokenizer.model, params_path)
+    return tokenizer

@@ -225,8 +225,10 @@ def _compiled(config: AudioTokenizerConfig):
   return encode_fn, decode_fn, loss_fn
 
 
-class AudioTokenizer(base.Tokenizer):
+class AudioTokenizer(_nn.NeuralTokenizerIO, base.Tokenizer):
   modality = vocab.AUDIO
+  kind = KIND
+  config_class = AudioTokenizerConfig
 
   def __init__(self, config: AudioTokenizerConfig, seed: int = 0):
     self.config = config
@@ -297,21 +299,6 @@ class AudioTokenizer(base.Tokenizer):
     """ids -> float32 waveform at config.sample_rate (Griffin-Lim)."""
     mel = self.decode_mel(ids)
     return self.mel_to_waveform(mel, length=max(0, mel.shape[0] - 1) * self.config.hop)
-
-  def save(self, directory: str) -> None:
-    _nn.write_config(directory, KIND, dataclasses.asdict(self.config))
-    _nn.save_params(self.model, f"{directory}/{_nn.PARAMS_FILE}")
-
-  @classmethod
-  def load(cls, directory: str) -> "AudioTokenizer":
-    config_dict, params_path = _nn.read_config(directory, KIND)
-    try:
-      config = AudioTokenizerConfig(**config_dict)
-    except (TypeError, ValueError) as e:
-      raise base.TokenizerLoadError(f"bad audio tokenizer config in {directory}/tokenizer.json: {e}")
-    tokenizer = cls(config)
-    _nn.load_params(tokenizer.model, params_path)
-    return tokenizer
 
 
 # ----------------------------------------------------------------------------- training, metrics

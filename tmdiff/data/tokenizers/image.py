@@ -133,8 +133,10 @@ def _padded_call(fn, state, batch: np.ndarray) -> np.ndarray:
   return np.asarray(fn(state, padded))[:n]
 
 
-class ImageTokenizer(base.Tokenizer):
+class ImageTokenizer(_nn.NeuralTokenizerIO, base.Tokenizer):
   modality = vocab.IMAGE
+  kind = KIND
+  config_class = ImageTokenizerConfig
 
   def __init__(self, config: ImageTokenizerConfig, seed: int = 0):
     self.config = config
@@ -188,21 +190,6 @@ class ImageTokenizer(base.Tokenizer):
 
   def decode(self, ids: np.ndarray) -> np.ndarray:
     return self.decode_batch(np.asarray(ids).reshape(1, -1))[0]
-
-  def save(self, directory: str) -> None:
-    _nn.write_config(directory, KIND, dataclasses.asdict(self.config))
-    _nn.save_params(self.model, f"{directory}/{_nn.PARAMS_FILE}")
-
-  @classmethod
-  def load(cls, directory: str) -> "ImageTokenizer":
-    config_dict, params_path = _nn.read_config(directory, KIND)
-    try:
-      config = ImageTokenizerConfig(**config_dict)
-    except (TypeError, ValueError) as e:
-      raise base.TokenizerLoadError(f"bad image tokenizer config in {directory}/tokenizer.json: {e}")
-    tokenizer = cls(config)
-    _nn.load_params(tokenizer.model, params_path)
-    return tokenizer
 
 
 def reconstruction_loss(tokenizer: ImageTokenizer, images: np.ndarray) -> float:
