@@ -36,7 +36,7 @@ DEFAULTS = dict(num_images=4000, num_val_images=200, num_utterances=1200,
                 text_vocab_size=512, max_pair_tokens=128, seed=0,
                 # First-run budget (prepare + tiny training in 15 min on 2 cores); raise
                 # both for better reconstructions.
-                image_tokenizer_steps=300, audio_tokenizer_steps=300)
+                image_tokenizer_steps=1200, audio_tokenizer_steps=1200)
 
 
 class PrepareError(ValueError):
@@ -90,6 +90,34 @@ def train_tokenizer(modality: str, samples, args) -> Any:
                                 seed=args.seed)
   return _call_with_supported(train_fn, samples, steps=args.audio_tokenizer_steps,
                               seed=args.seed)
+
+
+QUALITY_ITEMS = {"text": 200, "image": 200, "audio": 40}
+
+
+def tokenizer_quality(toks: dict, raw) -> dict:
+  """Held-out (validation split) reconstruction figures of the tokenizers in use."""
+  from tmdiff.data.tokenizers import audio as audio_tok
+  from tmdiff.data.tokenizers import image as image_tok
+  quality = {}
+  if "text" in toks:
+    docs = [d["text"] for d in raw("text", "validation")[:QUALITY_ITEMS["text"]]]
+    exact = sum(toks["text"].decode(toks["text"].encode(d)) == d for d in docs)
+    chars = sum(len(d) for d in docs)
+    ids = sum(len(toks["text"].encode(d)) for d in docs)
+    quality["text"] = {"exact_round_trips": f"{exact}/{len(docs)}",
+                       "chars_per_token": round(chars / max(ids, 1), 3)}
+  if "image" in toks and isinstance(toks["image"], image_tok.ImageTokenizer):
+    images = np.stack([d["image"] for d in raw("image_text", "validation")[:QUALITY_ITEMS["image"]]])
+    quality["image"] = {"held_out_psnr_db": round(image_tok.image_psnr(toks["image"], images), 2),
+                        "images": len(images)}
+  if "audio" in toks and isinstance(toks["audio"], audio_tok.AudioTokenizer):
+    waves = [d["audio"] for d in raw("audio_text", "validation")[:QUALITY_ITEMS["audio"]]]
+    report = audio_tok.audio_reconstruction_report(toks["audio"], waves)
+    quality["audio"] = {k: round(float(v), 4) for k, v in report.items()}
+    quality["audio"]["utterances"] = len(waves)
+  logging.info("prepare: tokenizer quality on held-out data: %s", json.dumps(quality))
+  return quality
 
 
 def _encode_many(tokenizer, items: list, what: str, desc: str, batched: bool) -> list[np.ndarray]:
@@ -375,6 +403,8 @@ def prepare(args, tokenizers: dict[str, Any] | None = None) -> records_lib.Manif
       if hasattr(toks["audio"], attr):
         extra["audio_tokens_per_second"] = float(getattr(toks["audio"], attr))
         break
+  if not tokenizers:
+    extra["tokenizer_quality"] = tokenizer_quality(toks, raw)
   manifest = records_lib.Manifest(
       schema_version=records_lib.SCHEMA_VERSION, vocab=vocab,
       tokenizers=tokenizer_paths,
