@@ -21,7 +21,11 @@ def test_base_config_is_locked():
     c.new_section = 1
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py"))))
+EXPERIMENTS = sorted(p for p in glob.glob(os.path.join(ROOT, "experiments", "**", "*.py"), recursive=True)
+                     if not os.path.basename(p).startswith("_"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS)
 def test_experiment_files_load_and_validate(path):
   spec = importlib.util.spec_from_file_location("experiment", path)
   module = importlib.util.module_from_spec(spec)

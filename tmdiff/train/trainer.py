@@ -6,6 +6,7 @@ drawn from fold_in(key(seed), s): a run is reproducible across restarts and mesh
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -20,6 +21,7 @@ from flax import nnx
 from tmdiff.configs import sharding as sharding_lib
 from tmdiff.configs import validate as validate_lib
 from tmdiff.configs.derived import Hyperparams, derive
+from tmdiff.data import batch as batch_lib
 from tmdiff.data import vocab as vocab_lib
 from tmdiff.diffusion import objective as obj_lib
 from tmdiff.model.transformer import Transformer
@@ -108,7 +110,7 @@ class Trainer:
       return init()
 
   def _context(self):
-    import contextlib
+    """Mesh and logical-axis rules for tracing model code."""
     stack = contextlib.ExitStack()
     stack.enter_context(jax.set_mesh(self.mesh))
     stack.enter_context(nn.logical_axis_rules(self.rules))
@@ -182,7 +184,6 @@ class Trainer:
   # --- compiled entry points ---------------------------------------------------------------
   def abstract_batch(self, rows: int):
     shape = (rows, self.config.data.seq_len)
-    from tmdiff.data import batch as batch_lib
     return {f: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
             for f in batch_lib.FIELDS}
 
