@@ -26,6 +26,7 @@ def get_base_config() -> mlc.ConfigDict:
       dtype="bfloat16",       # compute dtype
       param_dtype="float32",
       attention_impl="auto",  # tmdiff.kernels.attention backends
+      loss_impl="auto",       # logits | fused (tmdiff.kernels.cross_entropy); auto: fused off CPU
       remat="none",           # none | block
       # CompleteP: shapes the hyperparameters were tuned at.
       base_width=128,
@@ -99,6 +100,24 @@ def get_base_config() -> mlc.ConfigDict:
       fsdp=1,
       tensor=1,
       rules="fsdp",           # sharding-rule preset (tmdiff.configs.sharding)
+  ))
+  # Sampler defaults per generated modality (tmdiff.diffusion.sampling.SamplerSettings):
+  # method ancestral | confidence | maskgit | threshold; schedule: alpha(t) name; temperature 0
+  # = greedy; top_k 0 / top_p 1 = off; cfg_scale 1 = no guidance, 0 = unconditional, applied
+  # while t in cfg_window; remask_eta > 0: ReMDM remasking (ancestral). Untuned starting points.
+  c.sampling = mlc.ConfigDict(dict(
+      text=mlc.ConfigDict(dict(
+          method="ancestral", steps=64, schedule="linear", temperature=1.0, top_k=0, top_p=0.95,
+          cfg_scale=1.0, cfg_window=(0.0, 1.0), confidence="sampled", choice_temperature=4.5,
+          threshold=0.9, remask_eta=0.0)),
+      image=mlc.ConfigDict(dict(
+          method="maskgit", steps=16, schedule="cosine", temperature=1.0, top_k=0, top_p=1.0,
+          cfg_scale=2.0, cfg_window=(0.0, 1.0), confidence="sampled", choice_temperature=4.5,
+          threshold=0.9, remask_eta=0.0)),
+      audio=mlc.ConfigDict(dict(
+          method="ancestral", steps=32, schedule="linear", temperature=1.0, top_k=0, top_p=1.0,
+          cfg_scale=2.0, cfg_window=(0.0, 1.0), confidence="sampled", choice_temperature=4.5,
+          threshold=0.9, remask_eta=0.0)),
   ))
   c.lock()
   return c

@@ -8,6 +8,7 @@ from tmdiff.kernels import attention
 
 OPTIM_SCHEDULES = ("cosine", "wsd", "constant")
 REMAT = ("none", "block")
+LOSS_IMPLS = ("auto", "logits", "fused")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -55,6 +56,7 @@ def validate(config, num_devices: int | None = None) -> None:
   _require(m.attention_impl in attention.IMPLS, "model.attention_impl",
            f"{m.attention_impl!r} not in {attention.IMPLS}")
   _require(m.remat in REMAT, "model.remat", f"{m.remat!r} not in {REMAT}")
+  _require(m.loss_impl in LOSS_IMPLS, "model.loss_impl", f"{m.loss_impl!r} not in {LOSS_IMPLS}")
   _require(m.init_std > 0, "model.init_std", "must be > 0")
 
   for name in ("text", "image", "audio"):

@@ -12,11 +12,14 @@ import dataclasses
 
 import numpy as np
 
+# <pad> and <mask> come first, so what a text position may predict (structural specials and
+# text ids) is one contiguous range, like the image and audio codebooks.
 SPECIAL_TOKENS = (
-    "<pad>", "<bos>", "<eos>", "<mask>",
+    "<pad>", "<mask>", "<bos>", "<eos>",
     "<boi>", "<eoi>", "<boa>", "<eoa>",
     "<text>", "<t2i>", "<t2s>",
 )
+NEVER_PREDICTED = 2  # <pad>, <mask>
 
 # Modality ids carried per token in every batch ("modality" field).
 TEXT, IMAGE, AUDIO = 0, 1, 2
@@ -111,13 +114,19 @@ class VocabLayout:
     out[(ids >= self.audio_range[0]) & (ids < self.audio_range[1])] = AUDIO
     return out
 
+  def allowed_range(self, modality: int) -> tuple[int, int]:
+    """[start, stop) of the ids a position of this modality may be predicted as.
+
+    Text positions carry the structural specials too (packed documents and pair boundaries
+    are text); image and audio positions stay inside their codebooks. Never <pad> or <mask>.
+    """
+    if modality == TEXT:
+      return NEVER_PREDICTED, self.text_range[1]
+    return self.range_of(modality)
+
   def allowed_logits_mask(self, modality: int, padded: bool = True) -> np.ndarray:
-    """Boolean [V] mask of ids a prediction of this modality may take: its own range and the
-    structural specials (boundaries, <bos>/<eos>, task tokens), never <pad> or <mask>."""
-    n = self.padded_size() if padded else self.size
-    allowed = np.zeros((n,), bool)
-    start, stop = self.range_of(modality)
+    """Boolean [V] mask of `allowed_range(modality)`."""
+    allowed = np.zeros((self.padded_size() if padded else self.size,), bool)
+    start, stop = self.allowed_range(modality)
     allowed[start:stop] = True
-    allowed[:self.num_special] = True
-    allowed[[self.pad, self.mask]] = False
     return allowed

@@ -120,6 +120,11 @@ def corrupt(batch, rng, obj: Objective, max_segments: int) -> Corruption:
   return Corruption(noisy, supervised, weight, elbo_mask, t.astype(jnp.float32))
 
 
+def modality_vocab_ranges(layout: vocab_lib.VocabLayout) -> np.ndarray:
+  """[3, 2] int32: the [start, stop) each modality's predictions are restricted to."""
+  return np.array([layout.allowed_range(m) for m in range(len(vocab_lib.MODALITIES))], np.int32)
+
+
 def modality_logit_bias(layout: vocab_lib.VocabLayout) -> np.ndarray:
   """[3, V_padded] float32: 0 where a prediction of that modality may land, -inf elsewhere."""
   allowed = np.stack([layout.allowed_logits_mask(m) for m in range(len(vocab_lib.MODALITIES))])

@@ -24,6 +24,7 @@ from tmdiff.configs.derived import Hyperparams, derive
 from tmdiff.data import batch as batch_lib
 from tmdiff.data import vocab as vocab_lib
 from tmdiff.diffusion import objective as obj_lib
+from tmdiff.kernels import cross_entropy
 from tmdiff.model.transformer import Transformer
 from tmdiff.train import optimizer as optimizer_lib
 
@@ -57,6 +58,10 @@ class Trainer:
     self.eval_objective = dataclasses.replace(
         self.objective, anti_masking=False, cond_target_only_prob=0.0, cond_drop_prob=0.0)
     self.logit_bias = obj_lib.modality_logit_bias(self.layout)
+    self.vocab_ranges = obj_lib.modality_vocab_ranges(self.layout)
+    self.loss_impl = c.model.loss_impl
+    if self.loss_impl == "auto":
+      self.loss_impl = "logits" if mesh.devices.flat[0].platform == "cpu" else "fused"
 
     abstract_model = nnx.eval_shape(
         lambda: Transformer(c.model, self.layout, rngs=nnx.Rngs(0)))
@@ -120,9 +125,19 @@ class Trainer:
   def _elbo_sums(self, params, batch, corruption):
     model = nnx.merge(self.graphdef, params)
     hidden = model(corruption.tokens, batch["positions"], batch["segment_ids"], batch["modality"])
-    logits = model.logits(hidden)
-    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-    logp = obj_lib.target_log_probs(logits, batch["tokens"], batch["modality"], self.logit_bias)
+    if self.loss_impl == "fused":  # never materialises [B, L, V] logits
+      b, length, d = hidden.shape
+      ranges = jnp.asarray(self.vocab_ranges)[batch["modality"]].reshape(b * length, 2)
+      # Padding targets lie outside every range; clamp them (they are never supervised).
+      targets = jnp.clip(batch["tokens"].reshape(-1), ranges[:, 0], ranges[:, 1] - 1)
+      nll = cross_entropy.masked_cross_entropy(
+          hidden.reshape(b * length, d), model.unembedding().astype(hidden.dtype), targets,
+          jnp.ones((b * length,), jnp.float32), vocab_range=ranges)
+      logp = -nll.reshape(b, length)
+    else:
+      logits = model.logits(hidden)
+      logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+      logp = obj_lib.target_log_probs(logits, batch["tokens"], batch["modality"], self.logit_bias)
     return obj_lib.elbo_sums(logp, corruption, batch["modality"])
 
   def _prepare(self, batch):
