@@ -1,6 +1,9 @@
 """Train a tri-modal masked diffusion model.
 
   python -m tmdiff.train --config=experiments/tiny.py --config.train.steps=200 --workdir=runs/tiny
+
+Multi-process: set TMDIFF_COORDINATOR/TMDIFF_NUM_PROCESSES/TMDIFF_PROCESS_ID, or run under
+SLURM or on a TPU pod (see tmdiff/train/distributed.py and launch/launch.py).
 """
 from __future__ import annotations
 
@@ -11,13 +14,17 @@ from tmdiff.configs.derived import ConfigError
 from tmdiff.data.batch import BatchError
 from tmdiff.data.pipeline import DataConfigError
 from tmdiff.data.records import RecordError
-from tmdiff.train import loop
+from tmdiff.train import distributed, loop
 from tmdiff.train.checkpoint import CheckpointError
 
-USER_ERRORS = (ConfigError, BatchError, DataConfigError, RecordError, CheckpointError)
+USER_ERRORS = (ConfigError, BatchError, DataConfigError, RecordError, CheckpointError,
+               distributed.DistributedError)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment file[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, reports)")
+_DATA_SHARDS = flags.DEFINE_integer(
+    "data_shards", None, "data shards over all hosts (default: one per process); keep it fixed "
+    "to resume on another number of hosts with the same data order")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,7 +33,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   try:
-    loop.train(_CONFIG.value, _WORKDIR.value)
+    distributed.initialize_from_env()
+    loop.train(_CONFIG.value, _WORKDIR.value, data_shards=_DATA_SHARDS.value)
   except USER_ERRORS as e:
     raise SystemExit(f"tmdiff.train: {type(e).__name__}: {e}") from None
 

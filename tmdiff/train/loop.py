@@ -15,6 +15,7 @@ from tmdiff.data import batch as batch_lib
 from tmdiff.data import pipeline as pipeline_lib
 from tmdiff.diffusion import objective as obj_lib
 from tmdiff.train import checkpoint as ckpt_lib
+from tmdiff.train import distributed as dist_lib
 from tmdiff.train import flops as flops_lib
 from tmdiff.train.trainer import Trainer, make_mesh
 
@@ -61,17 +62,18 @@ def rows_config(config, rows: int):
   return copy
 
 
-def make_iterator(config, split: str, rows: int):
-  ds = pipeline_lib.make_dataset(rows_config(config, rows), split,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count())
-  return iter(ds)
+def make_iterator(config, split: str, rows: int, data_shards: int | None = None):
+  """This process's rows of `data_shards` shards (default: one per process)."""
+  shard_config = rows_config(config, rows)
+  return dist_lib.ShardedIterator(
+      lambda index, count: iter(pipeline_lib.make_dataset(
+          shard_config, split, process_index=index, process_count=count)), data_shards)
 
 
-def evaluate(trainer: Trainer, eval_step, params, config) -> dict:
+def evaluate(trainer: Trainer, eval_step, params, config, data_shards: int | None = None) -> dict:
   """Per-modality negative ELBO on the validation split, with fixed per-batch seeds."""
   rows = config.data.global_batch
-  it = make_iterator(config, "validation", rows)
+  it = make_iterator(config, "validation", rows, data_shards)
   sums = None
   for index in range(config.data.eval_batches):
     try:
@@ -85,12 +87,18 @@ def evaluate(trainer: Trainer, eval_step, params, config) -> dict:
   return {k: float(v) for k, v in obj_lib.summarize(jax.device_get(sums)).items()}
 
 
-def train(config, workdir: str, *, stop_after: int | None = None, devices=None) -> dict:
+def train(config, workdir: str, *, stop_after: int | None = None, devices=None,
+          data_shards: int | None = None) -> dict:
   """Trains (resuming from workdir if it holds a checkpoint); returns the final eval metrics.
 
   `stop_after` ends the run after that global step as if it were killed there (tests).
+  `data_shards` (default: the process count) fixes how the data is split over hosts; runs with
+  the same value see the same global batches whatever their process count.
   """
   devices = jax.devices() if devices is None else devices
+  if jax.process_count() > 1:
+    logging.info("config sha256 %s agreed by %d processes", dist_lib.check_same_config(config),
+                 jax.process_count())
   validate_lib.validate(config, len(devices))
   hp = derive(config)
   logging.info("hyperparameters: %s", hp.summary())
@@ -100,7 +108,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
   counts = flops_lib.param_counts(config.model, trainer.layout.padded_size())
   logging.info("parameters: %s", {k: f"{v:,}" for k, v in counts.items()})
 
-  it = make_iterator(config, "train", hp.examples_per_step)
+  it = make_iterator(config, "train", hp.examples_per_step, data_shards)
   manager = ckpt_lib.make_manager(workdir, keep=config.train.keep_checkpoints,
                                   async_save=config.train.async_checkpointing)
   if manager.latest_step() is not None:
@@ -149,9 +157,10 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
         raise FloatingPointError(f"loss is {metrics['loss']} at step {step}")
       tick, tick_step = time.perf_counter(), step
     if step % config.train.ckpt_every == 0 or step == last:
-      ckpt_lib.save(manager, step, state, it.get_state(), config)
+      # Every process's iterator state, gathered: Orbax writes JSON items from process 0 only.
+      ckpt_lib.save(manager, step, state, dist_lib.gather_data_state(it.get_state()), config)
     if (config.train.eval_every and step % config.train.eval_every == 0) or step == hp.steps:
-      eval_metrics = evaluate(trainer, eval_step, state["params"], config)
+      eval_metrics = evaluate(trainer, eval_step, state["params"], config, data_shards)
       writer.write(step, eval_metrics, prefix="eval")
       logging.info("eval step %d: %s", step, _format_eval(eval_metrics))
   ckpt_lib.wait(manager)
