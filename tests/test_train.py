@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tmdiff.configs.base import get_base_config
+from tmdiff.data import pipeline
 from tmdiff.train import checkpoint as ckpt_lib
 from tmdiff.train import loop
 from tmdiff.train.trainer import Trainer, make_mesh
@@ -88,21 +89,24 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     ckpt_lib.restore_params(str(tmp_path / "nowhere"), trainer.abstract_state["params"])
 
 
+def _two_steps_on_one_batch(config, devices, keys=("loss", "grad_norm")):
+  """Metrics of two train steps on the first training batch."""
+  trainer = Trainer(config, make_mesh(config, devices))
+  batch = next(iter(pipeline.make_dataset(config, "train")))
+  state = trainer.init_state()
+  step = trainer.compile_train_step()
+  history = []
+  for _ in range(2):
+    state, metrics = step(state, trainer.put_batch(batch))
+    history.append([float(metrics[k]) for k in keys])
+  return np.array(history)
+
+
 def test_gradient_accumulation_and_remat_match_one_big_batch():
-  results = []
-  for accum, remat in ((1, "none"), (2, "block")):
-    c = tiny_config(**{"optim.grad_accum": accum, "model.remat": remat})
-    trainer = Trainer(c, make_mesh(c, jax.devices()[:2]))
-    from tmdiff.data import pipeline
-    batch = next(iter(pipeline.make_dataset(c, "train")))
-    state = trainer.init_state()
-    step = trainer.compile_train_step()
-    history = []
-    for _ in range(2):
-      state, metrics = step(state, trainer.put_batch(batch))
-      history.append((float(metrics["loss"]), float(metrics["grad_norm"])))
-    results.append(history)
-  np.testing.assert_allclose(results[0], results[1], rtol=1e-5)
+  one = _two_steps_on_one_batch(tiny_config(), jax.devices()[:2])
+  accumulated = _two_steps_on_one_batch(
+      tiny_config(**{"optim.grad_accum": 2, "model.remat": "block"}), jax.devices()[:2])
+  np.testing.assert_allclose(one, accumulated, rtol=1e-5)
 
 
 def test_loss_decreases_and_bits_per_modality_are_reported(tmp_path):
@@ -119,27 +123,18 @@ def test_loss_decreases_and_bits_per_modality_are_reported(tmp_path):
 
 
 def test_fused_cross_entropy_loss_matches_materialised_logits():
-  results = []
-  for impl in ("logits", "fused"):
-    c = tiny_config(**{"model.loss_impl": impl})
-    trainer = Trainer(c, make_mesh(c, jax.devices()[:1]))
-    from tmdiff.data import pipeline
-    batch = next(iter(pipeline.make_dataset(c, "train")))
-    state = trainer.init_state()
-    step = trainer.compile_train_step()
-    history = []
-    for _ in range(2):
-      state, metrics = step(state, trainer.put_batch(batch))
-      history.append([float(metrics[k]) for k in ("loss", "grad_norm", "bits_per_token/image")])
-    results.append(history)
-  assert all(np.isfinite(results[1]).flat)
-  np.testing.assert_allclose(results[0], results[1], rtol=1e-4)
+  keys = ("loss", "grad_norm", "bits_per_token/image")
+  logits = _two_steps_on_one_batch(tiny_config(**{"model.loss_impl": "logits"}),
+                                   jax.devices()[:1], keys)
+  fused = _two_steps_on_one_batch(tiny_config(**{"model.loss_impl": "fused"}),
+                                  jax.devices()[:1], keys)
+  assert np.all(np.isfinite(fused))
+  np.testing.assert_allclose(logits, fused, rtol=1e-4)
 
 
 def test_ema_tracks_the_parameters():
   c = tiny_config(**{"optim.ema_decay": 0.5})
   trainer = Trainer(c, make_mesh(c, jax.devices()[:1]))
-  from tmdiff.data import pipeline
   it = iter(pipeline.make_dataset(c, "train"))
   state = trainer.init_state()
   history = [jax.device_get(state["params"])]

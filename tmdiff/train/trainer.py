@@ -61,7 +61,7 @@ class Trainer:
     self.vocab_ranges = obj_lib.modality_vocab_ranges(self.layout)
     self.loss_impl = c.model.loss_impl
     if self.loss_impl == "auto":
-      self.loss_impl = "logits" if mesh.devices.flat[0].platform == "cpu" else "fused"
+      self.loss_impl = "logits" if self.mesh.devices.flat[0].platform == "cpu" else "fused"
 
     abstract_model = nnx.eval_shape(
         lambda: Transformer(c.model, self.layout, rngs=nnx.Rngs(0)))
