@@ -20,6 +20,7 @@ setup(
         "ml-collections>=1.0",
         "numpy>=1.26",
         "scipy>=1.11",
+        "matplotlib>=3.7",
         "sentencepiece>=0.2",
         "absl-py>=2.0",
         "tensorboardX>=2.6",

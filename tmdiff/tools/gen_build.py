@@ -12,7 +12,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PIP_DEPS = ("jax", "flax", "optax", "orbax-checkpoint", "grain", "array-record", "tensorstore",
             "ml-collections", "numpy", "scipy", "sentencepiece", "absl-py", "tensorboardX",
-            "tqdm")
+            "tqdm", "matplotlib")
 TEST_DEPS = ("pytest", "hypothesis")
 
 
