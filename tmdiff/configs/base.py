@@ -111,7 +111,7 @@ def get_base_config() -> mlc.ConfigDict:
           cfg_scale=1.0, cfg_window=(0.0, 1.0), confidence="sampled", choice_temperature=4.5,
           threshold=0.9, remask_eta=0.0)),
       image=mlc.ConfigDict(dict(
-          method="maskgit", steps=16, schedule="cosine", temperature=1.0, top_k=0, top_p=1.0,
+          method="ancestral", steps=64, schedule="linear", temperature=1.0, top_k=0, top_p=1.0,
           cfg_scale=2.0, cfg_window=(0.0, 1.0), confidence="sampled", choice_temperature=4.5,
           threshold=0.9, remask_eta=0.0)),
       audio=mlc.ConfigDict(dict(

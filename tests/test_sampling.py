@@ -1,0 +1,439 @@
+"""Samplers against hand-built denoisers whose exact distributions are known.
+
+Tolerance: for N draws from the predicted distribution, Pearson's statistic sum (O - E)^2 / E
+is chi-square with (cells - constraints) degrees of freedom. Each check fails when it exceeds
+the 1 - 1e-4 quantile, so a correct sampler fails a given seed with probability 1e-4, while
+the power checks below show the same bound rejects samplers that are off by a few percent.
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from tmdiff.configs.base import get_base_config
+from tmdiff.data import vocab as vocab_lib
+from tmdiff.diffusion import sampling
+
+LAYOUT = vocab_lib.VocabLayout(text_size=6, image_size=4, audio_size=4)
+MASK = LAYOUT.mask
+TEXT0 = LAYOUT.text_range[0]
+V = LAYOUT.size  # the hand-built denoisers emit the unpadded vocabulary (fewer flops)
+BIAS = sampling.logit_bias(LAYOUT)[:, :V]
+N = 10_000
+FAR = -1e9  # finite "impossible" logit, so guidance differences stay finite
+
+# Independent tokens: position i (1..3) takes text id TEXT0 + j with probability INDEP[i-1, j].
+INDEP = np.array([[0.40, 0.25, 0.15, 0.10, 0.06, 0.04],
+                  [0.05, 0.05, 0.10, 0.20, 0.25, 0.35],
+                  [0.32, 0.02, 0.30, 0.02, 0.28, 0.06]])
+# A dependent pair over 3 text ids: JOINT[a, b] = P(x1 = TEXT0 + a, x2 = TEXT0 + b).
+JOINT = np.array([[0.30, 0.02, 0.03],
+                  [0.02, 0.05, 0.18],
+                  [0.10, 0.25, 0.05]])
+
+
+def _chi2_bound(df):
+  return stats.chi2.ppf(1 - 1e-4, df)
+
+
+def _pearson(counts, expected_probs):
+  expected = expected_probs * counts.sum()
+  return float(((counts - expected) ** 2 / expected).sum())
+
+
+def _rows(tokens, modality=None):
+  tokens = np.asarray(tokens, np.int32)
+  b, length = tokens.shape
+  return {"tokens": tokens,
+          "positions": np.tile(np.arange(length, dtype=np.int32), (b, 1)),
+          "segment_ids": np.ones_like(tokens),
+          "modality": np.zeros_like(tokens) if modality is None else np.asarray(modality, np.int32)}
+
+
+def independent_denoiser(tokens, positions, segment_ids, modality):
+  """Fixed categorical per position; a large logit on an image id that the bias must remove."""
+  table = np.full((4, V), FAR, np.float32)
+  table[1:, TEXT0:TEXT0 + 6] = np.log(INDEP)
+  table[:, LAYOUT.image_range[0]] = 5.0
+  return jnp.asarray(table)[positions]
+
+
+def joint_denoiser(tokens, positions, segment_ids, modality):
+  """Exact conditionals of JOINT at positions 1, 2 given whichever of them is unmasked."""
+  p1, p2 = JOINT.sum(1), JOINT.sum(0)
+  x1_given_x2 = np.log(JOINT / p2[None, :]).T  # [x2, x1]
+  x2_given_x1 = np.log(JOINT / p1[:, None])    # [x1, x2]
+  x1, x2 = tokens[:, 1], tokens[:, 2]
+
+  def row_logits(log_probs):  # [B, 3] -> [B, V]
+    out = jnp.full((log_probs.shape[0], V), FAR, jnp.float32)
+    return out.at[:, TEXT0:TEXT0 + 3].set(log_probs)
+
+  idx1 = jnp.clip(x1 - TEXT0, 0, 2)
+  idx2 = jnp.clip(x2 - TEXT0, 0, 2)
+  l1 = jnp.where((x2 == MASK)[:, None], jnp.log(p1)[None], jnp.asarray(x1_given_x2)[idx2])
+  l2 = jnp.where((x1 == MASK)[:, None], jnp.log(p2)[None], jnp.asarray(x2_given_x1)[idx1])
+  out = jnp.full(tokens.shape + (V,), FAR, jnp.float32)
+  return out.at[:, 1].set(row_logits(l1)).at[:, 2].set(row_logits(l2))
+
+
+def _run(denoiser, inputs, settings, seed=0, bias=BIAS):
+  # RBG keys: the sampler takes any key type, and these compile faster on CPU than threefry.
+  key = jax.random.key(seed, impl="rbg")
+  out = sampling.sample(denoiser, inputs, key, settings, mask_id=MASK, logit_bias=bias)
+  return np.asarray(out)
+
+
+def _independent_inputs():
+  return _rows(np.tile([LAYOUT.bos, MASK, MASK, MASK], (N, 1)))
+
+
+def _independent_statistic(out):
+  total = 0.0
+  for i in range(3):
+    counts = np.bincount(out[:, i + 1] - TEXT0, minlength=6)[:6]
+    assert counts.sum() == N, "a sample left the allowed text ids"
+    total += _pearson(counts, INDEP[i])
+  return total
+
+
+_S = sampling.SamplerSettings
+# Exact for independent tokens: ancestral, and confidence rankings that ignore the drawn value.
+EXACT_FOR_INDEPENDENT = [
+    _S(method="ancestral", steps=8, schedule="linear"),
+    _S(method="ancestral", steps=5, schedule="cosine"),
+    _S(method="confidence", steps=3, schedule="linear", confidence="max_prob"),
+    _S(method="confidence", steps=2, schedule="cosine", confidence="max_prob"),
+    _S(method="maskgit", steps=3, schedule="cosine", confidence="max_prob"),
+    _S(method="threshold", steps=3, threshold=0.3, confidence="max_prob"),
+]
+
+
+@pytest.mark.parametrize("settings", EXACT_FOR_INDEPENDENT,
+                         ids=lambda s: f"{s.method}-{s.schedule}")
+def test_independent_marginals_are_reproduced(settings):
+  out = _run(independent_denoiser, _independent_inputs(), settings)
+  assert not np.any(out == MASK)
+  assert np.all(out[:, 0] == LAYOUT.bos)
+  assert _independent_statistic(out) < _chi2_bound(3 * 5)
+
+
+def test_sampled_token_confidence_is_detectably_biased():
+  """Power check: ranking by the drawn token's probability favours modes, and the bound sees it."""
+  settings = sampling.SamplerSettings(method="confidence", steps=3, confidence="sampled")
+  out = _run(independent_denoiser, _independent_inputs(), settings)
+  assert _independent_statistic(out) > 10 * _chi2_bound(15)
+
+
+def _joint_counts(out):
+  a, b = out[:, 1] - TEXT0, out[:, 2] - TEXT0
+  assert np.all((a >= 0) & (a < 3) & (b >= 0) & (b < 3))
+  return np.bincount(3 * a + b, minlength=9).reshape(3, 3)
+
+
+@pytest.mark.parametrize("schedule,steps", [("linear", 4), ("cosine", 6), ("linear", 32)])
+def test_ancestral_reproduces_the_joint_of_its_step_count(schedule, steps):
+  """Ancestral sampling with finitely many steps draws the pair from JOINT, except when both
+  tokens are revealed in the same step (probability q = sum_k r_k^2): then independently from
+  the marginals. So the exact law is (1 - q) JOINT + q p1 p2^T."""
+  settings = sampling.SamplerSettings(method="ancestral", steps=steps, schedule=schedule)
+  r = sampling.reveal_step_probabilities(settings)
+  assert abs(r.sum() - 1) < 1e-6
+  q = float((r ** 2).sum())
+  predicted = (1 - q) * JOINT + q * np.outer(JOINT.sum(1), JOINT.sum(0))
+  out = _run(joint_denoiser, _rows(np.tile([LAYOUT.bos, MASK, MASK], (N, 1))), settings)
+  counts = _joint_counts(out)
+  assert _pearson(counts, predicted) < _chi2_bound(8)
+  if q > 0.1:  # power: the same bound rejects the wrong law
+    assert _pearson(counts, JOINT) > _chi2_bound(8)
+
+
+def test_one_reveal_per_step_reproduces_the_joint_exactly():
+  settings = sampling.SamplerSettings(method="confidence", steps=2, confidence="max_prob")
+  out = _run(joint_denoiser, _rows(np.tile([LAYOUT.bos, MASK, MASK], (N, 1))), settings)
+  assert _pearson(_joint_counts(out), JOINT) < _chi2_bound(8)
+
+
+def test_conditioning_on_a_given_token_gives_the_conditional():
+  """Infilling: x1 given, x2 generated from JOINT[x1, :] / p1[x1]."""
+  settings = sampling.SamplerSettings(method="ancestral", steps=4)
+  out = _run(joint_denoiser, _rows(np.tile([LAYOUT.bos, TEXT0 + 2, MASK], (N, 1))), settings)
+  assert np.all(out[:, 1] == TEXT0 + 2)
+  counts = np.bincount(out[:, 2] - TEXT0, minlength=3)
+  assert _pearson(counts, JOINT[2] / JOINT[2].sum()) < _chi2_bound(2)
+
+
+ALL_METHODS = [EXACT_FOR_INDEPENDENT[0], EXACT_FOR_INDEPENDENT[3],
+    sampling.SamplerSettings(method="ancestral", steps=6, remask_eta=0.5),
+    sampling.SamplerSettings(method="maskgit", steps=4, schedule="cosine"),
+    sampling.SamplerSettings(method="threshold", steps=2, threshold=0.99),
+    sampling.SamplerSettings(method="ancestral", steps=1, top_p=0.5, temperature=0.7),
+    sampling.SamplerSettings(method="confidence", steps=7, top_k=2, temperature=0.0),
+]
+
+
+def mixed_denoiser(tokens, positions, segment_ids, modality):
+  """Random-looking logits that depend on the input, over the whole padded vocabulary."""
+  h = (tokens[..., None] * 31 + positions[..., None] * 7 + jnp.arange(V)) % 97
+  return jnp.sin(h.astype(jnp.float32)) * 3.0
+
+
+@pytest.mark.parametrize("settings", ALL_METHODS, ids=lambda s: f"{s.method}-{s.steps}")
+def test_all_positions_end_unmasked_and_given_positions_never_change(settings):
+  rng = np.random.default_rng(0)
+  b, length = 16, 24
+  modality = rng.integers(0, 3, (b, length)).astype(np.int32)
+  tokens = np.zeros((b, length), np.int32)
+  for m in range(3):
+    start, stop = LAYOUT.range_of(m)
+    tokens = np.where(modality == m, rng.integers(start, stop, (b, length)), tokens)
+  tokens = np.where(rng.random((b, length)) < 0.6, MASK, tokens)
+  tokens[:, 0] = LAYOUT.bos
+  segment_ids = np.ones_like(tokens)
+  segment_ids[:, -3:] = 0  # padding
+  tokens[:, -3:] = LAYOUT.pad
+  modality[:, -3:] = 0
+  inputs = _rows(tokens, modality)
+  inputs["segment_ids"] = segment_ids
+  out = _run(mixed_denoiser, inputs, settings, bias=sampling.logit_bias(LAYOUT, strict=True)[:, :V])
+  assert not np.any(out == MASK)
+  given = tokens != MASK
+  np.testing.assert_array_equal(out[given], tokens[given])
+  for m in range(3):  # strict bias: generated tokens lie in their modality's range
+    start, stop = LAYOUT.range_of(m)
+    sel = (~given) & (modality == m)
+    ok = (out[sel] >= start) & (out[sel] < stop)
+    if m == vocab_lib.TEXT:
+      ok |= out[sel] == LAYOUT.eos
+    assert np.all(ok)
+
+
+def test_same_key_same_samples_other_key_other_samples():
+  settings = EXACT_FOR_INDEPENDENT[4]  # maskgit; same program as above, so no new compilation
+  inputs = _independent_inputs()
+  a = _run(independent_denoiser, inputs, settings, seed=3)
+  b = _run(independent_denoiser, inputs, settings, seed=3)
+  c = _run(independent_denoiser, inputs, settings, seed=4)
+  np.testing.assert_array_equal(a, b)
+  assert np.any(a != c)
+
+
+@pytest.mark.parametrize("settings", [
+    sampling.SamplerSettings(method="ancestral", steps=3, top_k=1),
+    sampling.SamplerSettings(method="maskgit", steps=3, top_k=1, schedule="cosine"),
+    sampling.SamplerSettings(method="ancestral", steps=3, temperature=0.0),
+], ids=["ancestral-top1", "maskgit-top1", "greedy"])
+def test_top_k_one_and_greedy_give_the_argmax_of_allowed_ids(settings):
+  out = _run(independent_denoiser, _rows(np.tile([LAYOUT.bos, MASK, MASK, MASK], (32, 1))),
+             settings)
+  expected = TEXT0 + INDEP.argmax(1)  # the image id's larger logit is not allowed at text positions
+  np.testing.assert_array_equal(out[:, 1:], np.tile(expected, (32, 1)))
+
+
+def test_filter_logits_top_p_and_top_k():
+  logits = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+  kept = lambda **kw: np.isfinite(np.asarray(sampling.filter_logits(logits, **kw)))
+  np.testing.assert_array_equal(kept(top_p=0.7), [1, 1, 0, 0])
+  np.testing.assert_array_equal(kept(top_p=0.85), [1, 1, 1, 0])
+  np.testing.assert_array_equal(kept(top_p=0.1), [1, 0, 0, 0])
+  np.testing.assert_array_equal(kept(top_k=3), [1, 1, 1, 0])
+  np.testing.assert_array_equal(kept(top_k=2, top_p=0.99), [1, 1, 0, 0])
+
+
+# --- classifier-free guidance -----------------------------------------------------------------
+COND_ON = np.array([0.7, 0.2, 0.1])   # target law when the condition token is present
+COND_OFF = np.array([0.1, 0.3, 0.6])  # ... when it is masked out
+
+
+def cond_denoiser(tokens, positions, segment_ids, modality):
+  """Position 2's law depends on whether the condition (position 1) is visible."""
+  present = (tokens[:, 1] != MASK)[:, None]
+  law = jnp.where(present, jnp.log(COND_ON)[None], jnp.log(COND_OFF)[None])
+  out = jnp.full(tokens.shape + (V,), FAR, jnp.float32)
+  return out.at[:, 2, TEXT0:TEXT0 + 3].set(law).at[:, 1, TEXT0:TEXT0 + 3].set(0.0)
+
+
+def cond_hidden_denoiser(tokens, positions, segment_ids, modality):
+  return cond_denoiser(tokens.at[:, 1].set(MASK), positions, segment_ids, modality)
+
+
+def _cond_inputs(n):
+  inputs = _rows(np.tile([LAYOUT.bos, TEXT0 + 4, MASK], (n, 1)))
+  inputs["cond_mask"] = np.tile([1, 1, 0], (n, 1)).astype(np.int32)
+  return inputs
+
+
+def test_guided_logits_scale_zero_is_unconditional_and_one_is_conditional():
+  inputs = _cond_inputs(4)
+  args = [jnp.asarray(inputs[k]) for k in ("tokens", "positions", "segment_ids", "modality")]
+  cond_mask = jnp.asarray(inputs["cond_mask"]).astype(bool)
+  for scale, reference in ((0.0, cond_hidden_denoiser), (1.0, cond_denoiser)):
+    guided = sampling.guided_logits(cond_denoiser, *args, cond_mask, mask_id=MASK, scale=scale,
+                                    use_guidance=True)
+    np.testing.assert_allclose(guided, reference(*args), rtol=1e-6)
+  guided = sampling.guided_logits(cond_denoiser, *args, cond_mask, mask_id=MASK, scale=3.0,
+                                  use_guidance=True)
+  expected = np.log(COND_OFF) + 3.0 * (np.log(COND_ON) - np.log(COND_OFF))
+  np.testing.assert_allclose(guided[:, 2, TEXT0:TEXT0 + 3], np.tile(expected, (4, 1)), rtol=1e-5)
+
+
+def test_cfg_sampling_scale_zero_and_one():
+  n = 3000
+  inputs = _cond_inputs(n)
+  plain = {k: v for k, v in inputs.items() if k != "cond_mask"}
+  base = sampling.SamplerSettings(method="ancestral", steps=4)
+  uncond = _run(cond_denoiser, inputs, base.replace(cfg_scale=0.0), seed=7)
+  # Scale 0 is exactly the sampler run on a model that never sees the condition.
+  np.testing.assert_array_equal(uncond, _run(cond_hidden_denoiser, plain, base, seed=7))
+  assert np.all(uncond[:, 1] == TEXT0 + 4)  # the condition itself is kept
+  cond = _run(cond_denoiser, inputs, base.replace(cfg_scale=1.0), seed=7)
+  np.testing.assert_array_equal(cond, _run(cond_denoiser, plain, base, seed=7))
+  for out, law in ((uncond, COND_OFF), (cond, COND_ON)):
+    counts = np.bincount(out[:, 2] - TEXT0, minlength=3)
+    assert _pearson(counts, law) < _chi2_bound(2)
+  # A window that never contains t: no guidance at all.
+  outside = _run(cond_denoiser, inputs, base.replace(cfg_scale=0.0, cfg_window=(2.0, 3.0)), seed=7)
+  np.testing.assert_array_equal(outside, cond)
+
+
+def test_settings_come_from_the_config_and_bad_settings_name_the_key():
+  c = get_base_config()
+  for modality in vocab_lib.MODALITIES:
+    assert sampling.settings_from_config(c.sampling, modality).steps == c.sampling[modality].steps
+  with pytest.raises(sampling.SamplerError, match="method"):
+    sampling.SamplerSettings(method="beam")
+  with pytest.raises(sampling.SamplerError, match="top_p"):
+    sampling.SamplerSettings(top_p=0.0)
+  with pytest.raises(sampling.SamplerError, match="remask_eta"):
+    sampling.SamplerSettings(method="maskgit", remask_eta=0.1)
+  with pytest.raises(sampling.SamplerError, match="modality"):
+    sampling.settings_from_config(c.sampling, "video")
+
+
+# --- the model path and the CLI's pieces ------------------------------------------------------
+class _CharTokenizer:
+  """Stand-in text tokenizer: one id per character (ids local to the text range)."""
+
+  def encode(self, text):
+    return np.array([ord(ch) % 6 for ch in text], np.int32)
+
+
+def test_model_sampling_on_one_device_and_a_data_mesh_of_eight():
+  import contextlib
+
+  import flax.linen as nn
+  from flax import nnx
+
+  from tmdiff import sample as sample_cli
+  from tmdiff.model.transformer import Transformer
+  from tmdiff.train.trainer import Trainer, make_mesh
+  c = get_base_config()
+  c.model.d_model, c.model.n_layers, c.model.d_ff, c.model.base_width = 32, 1, 64, 32
+  c.model.n_heads, c.model.n_kv_heads, c.model.head_dim = 2, 2, 16
+  c.model.dtype = "float32"
+  c.vocab.text_size, c.vocab.image_size, c.vocab.audio_size = 64, 32, 32
+  layout = vocab_lib.VocabLayout.from_config(c.vocab)
+  prompt = sample_cli.build_prompt("t2i", "ab", layout, _CharTokenizer(), length=0,
+                                   image_tokens=8, audio_tokens=0)
+  rows = 8
+  inputs = {"tokens": np.tile(prompt.tokens, (rows, 1)),
+            "positions": np.tile(np.arange(len(prompt.tokens), dtype=np.int32), (rows, 1)),
+            "segment_ids": np.ones((rows, len(prompt.tokens)), np.int32),
+            "modality": np.tile(prompt.modality, (rows, 1)),
+            "cond_mask": np.tile(prompt.cond_mask, (rows, 1))}
+  settings = sampling.SamplerSettings(method="maskgit", steps=4, schedule="cosine", cfg_scale=2.0)
+  # Eager initialisation (cheaper than compiling the train state's init for a test).
+  host_params = nnx.to_pure_dict(nnx.state(Transformer(c.model, layout, rngs=nnx.Rngs(0))))
+  outs = []
+  for n_devices in (1, 8):
+    trainer = Trainer(c, make_mesh(c, jax.devices()[:n_devices]))
+    params = jax.device_put(host_params, trainer.state_sharding["params"])
+    batch = {k: jax.device_put(v, trainer.batch_sharding) for k, v in inputs.items()}
+    with contextlib.ExitStack() as stack:
+      stack.enter_context(jax.set_mesh(trainer.mesh))
+      stack.enter_context(nn.logical_axis_rules(trainer.rules))
+      outs.append(np.asarray(sampling.sample(
+          sample_cli.model_denoiser(trainer.graphdef), batch, jax.random.key(1, impl="rbg"),
+          settings, mask_id=layout.mask, params=params,
+          logit_bias=sampling.logit_bias(layout, strict=True))))
+  out = outs[0]
+  given = inputs["tokens"] != layout.mask
+  np.testing.assert_array_equal(out[given], inputs["tokens"][given])
+  image = out[:, prompt.target]
+  assert np.all((image >= layout.image_range[0]) & (image < layout.image_range[1]))
+  np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_prompt_layouts_follow_the_training_pipeline():
+  from tmdiff import sample as sample_cli
+  from tmdiff.data import pipeline
+  tok = _CharTokenizer()
+  caption = LAYOUT.to_unified(tok.encode("abc"), vocab_lib.TEXT)
+  for task, modality, n in (("t2i", vocab_lib.IMAGE, 5), ("t2s", vocab_lib.AUDIO, 6)):
+    p = sample_cli.build_prompt(task, "abc", LAYOUT, tok, length=0, image_tokens=5,
+                                audio_tokens=6)
+    start = LAYOUT.range_of(modality)[0]
+    ref = pipeline.pair_example(caption, np.full(n, start), modality, LAYOUT)
+    expected = np.where(ref["modality"] == modality, MASK, ref["tokens"])
+    np.testing.assert_array_equal(p.tokens, expected)
+    np.testing.assert_array_equal(p.modality, ref["modality"])
+    np.testing.assert_array_equal(p.cond_mask, ref["cond_mask"])
+    assert np.all(p.tokens[p.target] == MASK) and p.target.stop - p.target.start == n
+  p = sample_cli.build_prompt("infill", "ab____c", LAYOUT, tok, length=0, image_tokens=0,
+                              audio_tokens=0, infill_tokens=3)
+  assert list(p.tokens[[0, -1]]) == [LAYOUT.bos, LAYOUT.eos]
+  assert (p.tokens == MASK).sum() == 3 and list(p.tokens[3:6]) == [MASK] * 3
+  p = sample_cli.build_prompt("text", "ab", LAYOUT, tok, length=10, image_tokens=0,
+                              audio_tokens=0)
+  assert len(p.tokens) == 10 and (p.tokens == MASK).sum() == 7
+  with pytest.raises(sample_cli.SampleError, match="unknown task"):
+    sample_cli.build_prompt("video", "x", LAYOUT, tok, length=8, image_tokens=0, audio_tokens=0)
+  with pytest.raises(sample_cli.SampleError, match="placeholder"):
+    sample_cli.build_prompt("infill", "no gap", LAYOUT, tok, length=8, image_tokens=0,
+                            audio_tokens=0)
+
+
+def test_png_writer_round_trips(tmp_path):
+  import struct
+  import zlib
+
+  from tmdiff import sample as sample_cli
+  image = np.random.default_rng(0).integers(0, 256, (5, 7, 3)).astype(np.uint8)
+  path = str(tmp_path / "x.png")
+  sample_cli.write_png(path, image)
+  data = open(path, "rb").read()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n"
+  width, height = struct.unpack(">II", data[16:24])
+  assert (width, height) == (7, 5)
+  idat = data.index(b"IDAT")
+  length = struct.unpack(">I", data[idat - 4:idat])[0]
+  raw = zlib.decompress(data[idat + 4:idat + 4 + length])
+  rows = np.frombuffer(raw, np.uint8).reshape(5, 1 + 7 * 3)
+  assert np.all(rows[:, 0] == 0)
+  np.testing.assert_array_equal(rows[:, 1:].reshape(5, 7, 3), image)
+  grid = sample_cli.image_grid(np.stack([image] * 3), scale=2)
+  assert grid.shape == (2 * 10 + 2, 2 * 14 + 2, 3)
+
+
+def test_cli_errors_name_the_problem(tmp_path):
+  from tmdiff import sample as sample_cli
+  from tmdiff.train import checkpoint
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint directory"):
+    sample_cli.run(str(tmp_path / "nothing"), "t2i", "a", str(tmp_path / "a.png"))
+  with pytest.raises(sample_cli.SampleError, match="unknown task"):
+    sample_cli.run(str(tmp_path), "video", "a", str(tmp_path / "a.mp4"))
+  with pytest.raises(sample_cli.SampleError, match=r"writes \.wav"):
+    sample_cli.run(str(tmp_path), "t2s", "a", str(tmp_path / "a.png"))
+  config = get_base_config()
+  config.data.data_dir = "no/such/dir"
+  with pytest.raises(sample_cli.SampleError, match="no prepared data directory"):
+    sample_cli.resolve_data_dir(config, str(tmp_path / "runs" / "x"))
+  saved = json.loads(config.to_json())
+  del saved["sampling"]
+  saved["model"]["d_model"] = 48
+  saved["cfg_window_legacy"] = 1
+  rebuilt = sample_cli.config_from_saved(saved)
+  assert rebuilt.model.d_model == 48 and rebuilt.sampling.image.steps == 64

@@ -1,0 +1,384 @@
+"""Generate from a checkpoint: text, text-to-image, text-to-speech, or infilling.
+
+  python -m tmdiff.sample --workdir=runs/tiny --task=t2i --prompt="a red circle" --out=/tmp/a.png
+  python -m tmdiff.sample --workdir=runs/tiny --task=t2s --prompt="hello there" --out=/tmp/a.wav
+  python -m tmdiff.sample --workdir=runs/tiny --task=text --prompt="KING." --out=/tmp/a.txt
+  python -m tmdiff.sample --workdir=runs/tiny --task=infill --prompt="To be, ____ be" --out=b.txt
+
+The model is rebuilt from the config saved with the checkpoint (latest, or --step), restored
+onto all local devices (a data-parallel mesh), and sampled with the per-modality defaults of
+`config.sampling` (base config defaults when the checkpoint predates them); flags override
+them. Tokenizers come from the data directory's manifest (`config.data.data_dir`, or
+--data_dir). The same --seed gives the same output. Layouts follow the training pipeline:
+  text    <bos> prompt <mask>...                       (--length tokens in all)
+  t2i     <bos> caption <boi> <mask> x image_tokens <eoi> <eos>
+  t2s     <bos> transcript <boa> <mask> x N <eoa> <eos> (N from the data's audio/transcript ratio)
+  infill  <bos> text with each `____` -> --infill_tokens masks <eos>
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import struct
+import time
+import zlib
+
+import numpy as np
+from absl import app, flags, logging
+
+TASKS = ("text", "t2i", "t2s", "infill")
+PLACEHOLDER = "____"
+TASK_MODALITY = {"text": "text", "infill": "text", "t2i": "image", "t2s": "audio"}
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory holding checkpoints/")
+_TASK = flags.DEFINE_string("task", None, f"one of {TASKS}")
+_PROMPT = flags.DEFINE_string("prompt", "", "prompt text / caption / transcript")
+_OUT = flags.DEFINE_string("out", None, "output file (.txt for text/infill, .png t2i, .wav t2s)")
+_NUM = flags.DEFINE_integer("num", 1, "samples (a PNG grid; WAVs get -i suffixes)")
+_SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
+_DATA_DIR = flags.DEFINE_string("data_dir", None,
+                                "prepared data dir (default: config.data.data_dir)")
+_LENGTH = flags.DEFINE_integer("length", None, "text: total tokens (default: data.seq_len)")
+_INFILL_TOKENS = flags.DEFINE_integer("infill_tokens", 8, f"infill: masks per {PLACEHOLDER!r}")
+_AUDIO_TOKENS = flags.DEFINE_integer("audio_tokens", None, "t2s: audio tokens (default: estimated)")
+_SCALE = flags.DEFINE_integer("png_scale", 4, "t2i: nearest-neighbour upscaling of the PNG")
+_STEPS = flags.DEFINE_integer("steps", None, "override sampling.<modality>.steps")
+_METHOD = flags.DEFINE_string("method", None, "override sampling.<modality>.method")
+_SCHEDULE = flags.DEFINE_string("schedule", None, "override sampling.<modality>.schedule")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "override sampling.<modality>.temperature")
+_TOP_K = flags.DEFINE_integer("top_k", None, "override sampling.<modality>.top_k")
+_TOP_P = flags.DEFINE_float("top_p", None, "override sampling.<modality>.top_p")
+_CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "override sampling.<modality>.cfg_scale")
+
+
+class SampleError(ValueError):
+  """A user-facing problem (task, prompt, data dir); the message says what to fix."""
+
+
+# --- config and data -------------------------------------------------------------------------
+def config_from_saved(saved: dict):
+  """The base config updated with a checkpoint's saved config (keys the base lacks are
+  skipped with a warning; keys the saved one lacks, e.g. `sampling`, keep base defaults)."""
+  from tmdiff.configs.base import get_base_config
+  config = get_base_config()
+
+  def merge(target, values, prefix):
+    for key, value in values.items():
+      name = f"{prefix}{key}"
+      if key not in target:
+        logging.warning("saved config key %s is not in the base config; ignored", name)
+      elif isinstance(value, dict):
+        merge(target[key], value, name + ".")
+      else:
+        if isinstance(target[key], tuple) and isinstance(value, list):
+          value = tuple(value)
+        target[key] = value
+  merge(config, saved, "")
+  return config
+
+
+def resolve_data_dir(config, workdir: str, override: str | None = None) -> str:
+  """The data dir with a manifest: --data_dir, else config.data.data_dir as given, relative to
+  the current directory, or relative to any parent of the workdir (runs are often launched
+  from the directory above `runs/`)."""
+  from tmdiff.data import records
+  if override:
+    candidates = [override]
+  else:
+    given = config.data.data_dir
+    if not given:
+      raise SampleError("the checkpoint's config has no data.data_dir (synthetic data has no "
+                        "tokenizers); pass --data_dir=<prepared data dir>")
+    candidates = [given]
+    if not os.path.isabs(given):
+      parent = os.path.dirname(os.path.abspath(workdir))
+      while True:
+        candidates.append(os.path.join(parent, given))
+        if os.path.dirname(parent) == parent:
+          break
+        parent = os.path.dirname(parent)
+  for directory in candidates:
+    if os.path.exists(os.path.join(directory, records.MANIFEST)):
+      return os.path.abspath(directory)
+  raise SampleError(f"no prepared data directory (with {records.MANIFEST}) found; tried "
+                    f"{candidates}; pass --data_dir")
+
+
+@dataclasses.dataclass
+class Prompt:
+  """One row: unified tokens, modality and condition mask, and where the generation lands."""
+  tokens: np.ndarray
+  modality: np.ndarray
+  cond_mask: np.ndarray
+  target: slice  # the span to decode (text tasks: prompt and generation together)
+  task: str
+
+
+def _encode_text(text_tokenizer, layout, text: str) -> np.ndarray:
+  from tmdiff.data import vocab as vocab_lib
+  if not text:
+    return np.zeros((0,), np.int32)
+  return layout.to_unified(text_tokenizer.encode(text), vocab_lib.TEXT)
+
+
+def audio_tokens_per_text_token(manifest) -> float:
+  """Audio tokens per transcript token in the prepared training data (duration estimate)."""
+  try:
+    counts = manifest.tokens["audio_text"]["train"]
+    return counts["audio"] / max(counts["transcript"], 1)
+  except (KeyError, TypeError):
+    return 31.25 / 6.0  # fallback: 31.25 tokens/s at ~6 text tokens per second of speech
+
+
+def build_prompt(task: str, text: str, layout, text_tokenizer, *, length: int,
+                 image_tokens: int, audio_tokens: int, infill_tokens: int = 8) -> Prompt:
+  from tmdiff.data import vocab as vocab_lib
+  if task not in TASKS:
+    raise SampleError(f"unknown task {task!r}; choose from {TASKS}")
+  mask = layout.mask
+  if task == "text":
+    ids = _encode_text(text_tokenizer, layout, text)
+    n_masks = length - 1 - len(ids)
+    if n_masks < 1:
+      raise SampleError(f"text prompt is {len(ids)} tokens; --length={length} leaves no room")
+    tokens = np.concatenate([[layout.bos], ids, np.full(n_masks, mask)])
+    return Prompt(tokens.astype(np.int32), np.zeros(len(tokens), np.int32),
+                  np.zeros(len(tokens), np.int32), slice(1, len(tokens)), task)
+  if task == "infill":
+    if PLACEHOLDER not in text:
+      raise SampleError(f"infill prompt needs at least one {PLACEHOLDER!r} placeholder")
+    pieces = []
+    for i, part in enumerate(text.split(PLACEHOLDER)):
+      if i:
+        pieces.append(np.full(infill_tokens, mask))
+      pieces.append(_encode_text(text_tokenizer, layout, part))
+    tokens = np.concatenate([[layout.bos], *pieces, [layout.eos]]).astype(np.int32)
+    return Prompt(tokens, np.zeros(len(tokens), np.int32), np.zeros(len(tokens), np.int32),
+                  slice(1, len(tokens) - 1), task)
+  # Pairs: <bos> cond <boX> target <eoX> <eos>, the layout of data.pipeline.pair_example.
+  if not text:
+    raise SampleError(f"task {task} needs a --prompt (caption or transcript)")
+  cond = _encode_text(text_tokenizer, layout, text)
+  modality, n, begin, end = ((vocab_lib.IMAGE, image_tokens, layout.boi, layout.eoi)
+                             if task == "t2i" else
+                             (vocab_lib.AUDIO, audio_tokens, layout.boa, layout.eoa))
+  tokens = np.concatenate([[layout.bos], cond, [begin], np.full(n, mask), [end, layout.eos]])
+  start = len(cond) + 2
+  modality_ids = np.zeros(len(tokens), np.int32)
+  modality_ids[start:start + n] = modality
+  cond_mask = np.zeros(len(tokens), np.int32)
+  cond_mask[:len(cond) + 1] = 1
+  return Prompt(tokens.astype(np.int32), modality_ids, cond_mask, slice(start, start + n), task)
+
+
+# --- outputs ---------------------------------------------------------------------------------
+def write_png(path: str, image: np.ndarray) -> None:
+  """HxWx3 uint8 -> an 8-bit RGB PNG (zlib + struct; no imaging library needed)."""
+  image = np.ascontiguousarray(image, np.uint8)
+  if image.ndim != 3 or image.shape[2] != 3:
+    raise ValueError(f"write_png wants HxWx3 uint8, got shape {image.shape}")
+  height, width, _ = image.shape
+  raw = b"".join(b"\x00" + image[y].tobytes() for y in range(height))  # filter type 0 per row
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+  header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+  with open(path, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def image_grid(images: np.ndarray, scale: int = 1, gap: int = 2) -> np.ndarray:
+  """[N, H, W, 3] -> one image, ceil(sqrt(N)) columns, white gaps, nearest upscaling."""
+  images = np.repeat(np.repeat(images, scale, axis=1), scale, axis=2)
+  n, h, w, _ = images.shape
+  cols = int(np.ceil(np.sqrt(n)))
+  rows = -(-n // cols)
+  grid = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, np.uint8)
+  for i, img in enumerate(images):
+    r, c = divmod(i, cols)
+    grid[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = img
+  return grid
+
+
+def decode_text(ids: np.ndarray, layout, text_tokenizer) -> str:
+  """Text ids up to the first <eos>; other special tokens are dropped."""
+  from tmdiff.data import vocab as vocab_lib
+  ids = np.asarray(ids)
+  eos = np.flatnonzero(ids == layout.eos)
+  if eos.size:
+    ids = ids[:eos[0]]
+  start, stop = layout.text_range
+  ids = ids[(ids >= start) & (ids < stop)]
+  return text_tokenizer.decode(layout.to_local(ids, vocab_lib.TEXT))
+
+
+def _suffixed(path: str, i: int, n: int) -> str:
+  if n == 1:
+    return path
+  root, ext = os.path.splitext(path)
+  return f"{root}-{i}{ext}"
+
+
+# --- the model -------------------------------------------------------------------------------
+def model_denoiser(graphdef):
+  """(params, tokens, positions, segment_ids, modality) -> float32 logits, for sampling.sample."""
+  from flax import nnx
+
+  def denoise(params, tokens, positions, segment_ids, modality):
+    model = nnx.merge(graphdef, params)
+    return model.logits(model(tokens, positions, segment_ids, modality))
+  return denoise
+
+
+def run(workdir: str, task: str, prompt_text: str, out: str, *, num: int = 1, seed: int = 0,
+        step: int | None = None, data_dir: str | None = None, length: int | None = None,
+        infill_tokens: int = 8, audio_tokens: int | None = None, png_scale: int = 4,
+        overrides: dict | None = None) -> dict:
+  """Restores, samples, decodes and writes `out`; returns a summary dict."""
+  if task not in TASKS:
+    raise SampleError(f"unknown task {task!r}; choose from {TASKS}")
+  if num < 1:
+    raise SampleError(f"--num must be >= 1, got {num}")
+  expected_ext = {"text": ".txt", "infill": ".txt", "t2i": ".png", "t2s": ".wav"}[task]
+  if not out or os.path.splitext(out)[1].lower() != expected_ext:
+    raise SampleError(f"task {task} writes {expected_ext}; got --out={out!r}")
+  import flax.linen as nn
+  import jax
+  from tmdiff.data import records
+  from tmdiff.data import tokenizers
+  from tmdiff.data import vocab as vocab_lib
+  from tmdiff.diffusion import sampling
+  from tmdiff.train import checkpoint
+  from tmdiff.train.trainer import Trainer, make_mesh
+
+  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    raise checkpoint.CheckpointError(f"no checkpoint directory {checkpoint.checkpoint_dir(workdir)}"
+                                     f" (is --workdir={workdir!r} a training run?)")
+  config = config_from_saved(checkpoint.read_config(workdir, step))
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+  layout = vocab_lib.VocabLayout.from_config(config.vocab)
+  data_dir = resolve_data_dir(config, workdir, data_dir)
+  manifest = records.Manifest.load(data_dir)
+  needed = {"text": ("text",), "infill": ("text",), "t2i": ("text", "image"),
+            "t2s": ("text", "audio")}[task]
+  toks = {}
+  for name in needed:
+    path = manifest.tokenizers.get(name)
+    if path and not os.path.isabs(path) and not os.path.isdir(path):
+      path = os.path.join(data_dir, path)
+    if not path or not os.path.isdir(path):
+      raise SampleError(f"{data_dir}/{records.MANIFEST} names no usable {name} tokenizer "
+                        f"directory (got {path!r})")
+    toks[name] = tokenizers.load_tokenizer(path)
+
+  image_tokens = int(toks["image"].tokens_per_image) if "image" in toks else 0
+  if task == "t2s":
+    multiple = int(getattr(getattr(toks["audio"], "config", None), "codes_per_step", 1))
+    if audio_tokens is None:  # duration estimate from the transcript, whole token steps
+      n_text = len(toks["text"].encode(prompt_text)) if prompt_text else 0
+      estimate = audio_tokens_per_text_token(manifest) * n_text
+      audio_tokens = max(8, multiple * int(round(estimate / multiple)))
+    if audio_tokens < 1 or audio_tokens % multiple:
+      raise SampleError(f"--audio_tokens={audio_tokens} must be a positive multiple of the audio "
+                        f"tokenizer's codes_per_step ({multiple})")
+  prompt = build_prompt(task, prompt_text, layout, toks["text"],
+                        length=length or int(config.data.seq_len), image_tokens=image_tokens,
+                        audio_tokens=audio_tokens or 0, infill_tokens=infill_tokens)
+
+  modality_name = TASK_MODALITY[task]
+  settings = sampling.settings_from_config(config.sampling, modality_name)
+  settings = settings.replace(**(overrides or {}))
+
+  mesh = make_mesh(config)
+  trainer = Trainer(config, mesh)
+  restored_step, params = checkpoint.restore_params(workdir, trainer.abstract_state["params"],
+                                                    step=step)
+  n_rows = len(prompt.tokens)
+  batch = {
+      "tokens": np.tile(prompt.tokens, (num, 1)),
+      "positions": np.tile(np.arange(n_rows, dtype=np.int32), (num, 1)),
+      "segment_ids": np.ones((num, n_rows), np.int32),
+      "modality": np.tile(prompt.modality, (num, 1)),
+      "cond_mask": np.tile(prompt.cond_mask, (num, 1)),
+  }
+  data_size = mesh.shape["data"]
+  sharding = trainer.batch_sharding if num % data_size == 0 else trainer.replicated
+  batch = {k: jax.device_put(v, sharding) for k, v in batch.items()}
+  denoise = model_denoiser(trainer.graphdef)
+  started = time.time()
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(trainer.rules))
+    out_tokens = sampling.sample(denoise, batch, jax.random.key(seed), settings,
+                                 mask_id=layout.mask, params=params,
+                                 logit_bias=sampling.logit_bias(layout, strict=True))
+    out_tokens = np.asarray(jax.device_get(out_tokens))
+  seconds = time.time() - started
+
+  generated = out_tokens[:, prompt.target]
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  written, texts = [], []
+  if task in ("text", "infill"):
+    texts = [decode_text(row, layout, toks["text"]) for row in generated]
+    with open(out, "w") as f:
+      for i, text in enumerate(texts):
+        if num > 1:
+          f.write(f"=== sample {i} ===\n")
+        f.write(text.rstrip("\n") + "\n")
+    written.append(out)
+  elif task == "t2i":
+    images = np.stack([toks["image"].decode(layout.to_local(row, vocab_lib.IMAGE))
+                       for row in generated])
+    write_png(out, image_grid(images, scale=png_scale))
+    written.append(out)
+  else:
+    from tmdiff.data.tokenizers import audio as audio_lib
+    rate = int(manifest.extra.get("audio_sample_rate", audio_lib.SAMPLE_RATE))
+    for i, row in enumerate(generated):
+      wave = toks["audio"].decode(layout.to_local(row, vocab_lib.AUDIO))
+      path = _suffixed(out, i, num)
+      audio_lib.write_wav(path, wave, rate)
+      written.append(path)
+  summary = {"task": task, "prompt": prompt_text, "checkpoint_step": int(restored_step),
+             "settings": dataclasses.asdict(settings), "num": num, "seed": seed,
+             "sequence_tokens": n_rows, "generated_tokens": int(generated.shape[1]),
+             "sampling_seconds": round(seconds, 3), "outputs": written}
+  if texts:
+    summary["texts"] = texts
+  if task == "t2s":
+    summary["audio_seconds"] = round(generated.shape[1] / float(
+        manifest.extra.get("audio_tokens_per_second", 31.25)), 2)
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from tmdiff.configs.derived import ConfigError
+  from tmdiff.data.records import RecordError
+  from tmdiff.data.tokenizers import TokenizerLoadError
+  from tmdiff.diffusion.sampling import SamplerError
+  from tmdiff.train.checkpoint import CheckpointError
+  if not _WORKDIR.value or not _TASK.value or not _OUT.value:
+    raise app.UsageError("--workdir, --task and --out are required")
+  overrides = {"steps": _STEPS.value, "method": _METHOD.value, "schedule": _SCHEDULE.value,
+               "temperature": _TEMPERATURE.value, "top_k": _TOP_K.value, "top_p": _TOP_P.value,
+               "cfg_scale": _CFG_SCALE.value}
+  try:
+    summary = run(_WORKDIR.value, _TASK.value, _PROMPT.value, _OUT.value, num=_NUM.value,
+                  seed=_SEED.value, step=_STEP.value, data_dir=_DATA_DIR.value,
+                  length=_LENGTH.value, infill_tokens=_INFILL_TOKENS.value,
+                  audio_tokens=_AUDIO_TOKENS.value, png_scale=_SCALE.value, overrides=overrides)
+  except (SampleError, SamplerError, CheckpointError, RecordError, TokenizerLoadError,
+          ConfigError) as e:
+    raise SystemExit(f"tmdiff.sample: {type(e).__name__}: {e}") from None
+  print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
