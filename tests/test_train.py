@@ -82,6 +82,18 @@ def test_restore_on_another_mesh(tmp_path):
   assert on_four == pytest.approx(final["loss"], rel=2e-5)
 
 
+def test_checkpoint_from_another_token_layout_is_refused(tmp_path, monkeypatch):
+  c = tiny_config(**{"train.steps": 1})
+  loop.train(c, str(tmp_path), devices=jax.devices()[:1])
+  trainer = Trainer(c, make_mesh(c, jax.devices()[:1]))
+  ckpt_lib.restore_params(str(tmp_path), trainer.abstract_state["params"])  # same layout: fine
+  from tmdiff.data import vocab as vocab_lib
+  swapped = ("<pad>", "<bos>", "<mask>") + vocab_lib.SPECIAL_TOKENS[3:]
+  monkeypatch.setattr(vocab_lib, "SPECIAL_TOKENS", swapped)
+  with pytest.raises(ckpt_lib.CheckpointError, match="special tokens"):
+    ckpt_lib.restore_params(str(tmp_path), trainer.abstract_state["params"])
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   c = tiny_config()
   trainer = Trainer(c, make_mesh(c, jax.devices()[:1]))

@@ -12,7 +12,9 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-STATE, DATA, CONFIG = "state", "data", "config"
+from tmdiff.data import vocab as vocab_lib
+
+STATE, DATA, CONFIG, VOCAB = "state", "data", "config", "vocab"
 
 
 class CheckpointError(RuntimeError):
@@ -29,11 +31,13 @@ def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True,
       max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
       create=not read_only)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=(STATE, DATA, CONFIG))
+                               item_names=(STATE, DATA, CONFIG, VOCAB))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_state, config) -> None:
-  args = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(json.loads(config.to_json()))}
+  args = {STATE: ocp.args.StandardSave(state),
+          CONFIG: ocp.args.JsonSave(json.loads(config.to_json())),
+          VOCAB: ocp.args.JsonSave({"special_tokens": list(vocab_lib.SPECIAL_TOKENS)})}
   if data_state is not None:
     args[DATA] = ocp.args.JsonSave(data_state)
   manager.save(step, args=ocp.args.Composite(**args))
@@ -51,10 +55,23 @@ def _resolve_step(manager, workdir, step):
   return step
 
 
+def _check_vocab(manager, workdir, step) -> None:
+  """The checkpoint's special-token layout must be the one this code uses."""
+  if not os.path.isdir(os.path.join(checkpoint_dir(workdir), str(step), VOCAB)):
+    return  # written before the layout was recorded
+  saved = manager.restore(step, args=ocp.args.Composite(**{VOCAB: ocp.args.JsonRestore()}))[VOCAB]
+  if list(saved["special_tokens"]) != list(vocab_lib.SPECIAL_TOKENS):
+    raise CheckpointError(
+        f"step {step} in {checkpoint_dir(workdir)} was trained with special tokens "
+        f"{saved['special_tokens']}, this code uses {list(vocab_lib.SPECIAL_TOKENS)}: the ids "
+        "differ, so the model would read the wrong tokens")
+
+
 def restore(manager: ocp.CheckpointManager, workdir: str, abstract_state, *, step=None,
             with_data: bool = True):
   """-> (step, state, data_state or None), state placed as `abstract_state`'s shardings say."""
   step = _resolve_step(manager, workdir, step)
+  _check_vocab(manager, workdir, step)
   args = {STATE: ocp.args.StandardRestore(abstract_state)}
   item_dir = os.path.join(checkpoint_dir(workdir), str(step))
   has_data = os.path.isdir(os.path.join(item_dir, DATA))
@@ -76,6 +93,7 @@ def restore_params(workdir: str, abstract_params, *, step=None):
     raise CheckpointError(f"no checkpoint directory {directory}")
   manager = make_manager(workdir, read_only=True)
   step = _resolve_step(manager, workdir, step)
+  _check_vocab(manager, workdir, step)
   item_dir = os.path.join(directory, str(step), STATE)
   target = {"params": abstract_params}
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
