@@ -64,6 +64,14 @@ def _tile_logits(h, wj, j, bv, lo, hi):
   return jnp.where(ok, z, _NEG), ok, col
 
 
+def _online_update(m, l, tgt, z, ok, col, targets):
+  """One vocabulary tile into the running max m, scaled sum l and target logit tgt."""
+  m_new = jnp.maximum(m, jnp.max(z, axis=1))
+  l = l * jnp.exp(m - m_new) + jnp.sum(jnp.where(ok, jnp.exp(z - m_new[:, None]), 0.0), axis=1)
+  tgt = tgt + jnp.sum(jnp.where(col == targets[:, None], z, 0.0), axis=1)
+  return m_new, l, tgt
+
+
 def _blockwise_stats(h, w, targets, lo, hi, bv):
   """Online logsumexp and target logit over vocabulary tiles: (lse [N], target logit [N])."""
   n = h.shape[0]
@@ -71,10 +79,7 @@ def _blockwise_stats(h, w, targets, lo, hi, bv):
   def body(j, c):
     m, l, tgt = c
     z, ok, col = _tile_logits(h, _tile(w, j, bv), j, bv, lo, hi)
-    m_new = jnp.maximum(m, jnp.max(z, axis=1))
-    l = l * jnp.exp(m - m_new) + jnp.sum(jnp.where(ok, jnp.exp(z - m_new[:, None]), 0.0), axis=1)
-    tgt = tgt + jnp.sum(jnp.where(col == targets[:, None], z, 0.0), axis=1)
-    return m_new, l, tgt
+    return _online_update(m, l, tgt, z, ok, col, targets)
 
   init = (jnp.full((n,), _NEG, jnp.float32), jnp.zeros((n,), jnp.float32),
           jnp.zeros((n,), jnp.float32))
@@ -176,10 +181,7 @@ def _pallas_fwd_kernel(h_ref, w_ref, t_ref, lo_ref, hi_ref, lse_ref, tgt_ref, *,
     col = j * bv + lax.broadcasted_iota(jnp.int32, (bn, bv), 1)
     ok = (col >= lo[:, None]) & (col < hi[:, None])
     z = jnp.where(ok, z, _NEG)
-    m_new = jnp.maximum(m, jnp.max(z, axis=1))
-    l = l * jnp.exp(m - m_new) + jnp.sum(jnp.where(ok, jnp.exp(z - m_new[:, None]), 0.0), axis=1)
-    tgt = tgt + jnp.sum(jnp.where(col == t[:, None], z, 0.0), axis=1)
-    return m_new, l, tgt
+    return _online_update(m, l, tgt, z, ok, col, t)
 
   init = (jnp.full((bn,), _NEG, jnp.float32), jnp.zeros((bn,), jnp.float32),
           jnp.zeros((bn,), jnp.float32))
