@@ -112,12 +112,22 @@ def test_packed_equals_unpacked(impl):
 
 
 def test_cudnn_packed_layout_offsets():
-  """The cuDNN packed-layout arguments describe exactly the runs of equal segment ids."""
-  seg = jnp.asarray([[1, 1, 2, 2, 2, 0, 0, 0], [3, 3, 3, 3, 3, 3, 3, 3], [0] * 8], jnp.int32)
-  seqlens, offsets, n = A._runs_to_packed(seg, 4)
-  np.testing.assert_array_equal(n, [3, 1, 1])
-  np.testing.assert_array_equal(offsets, [[0, 2, 5, 8, -1], [0, 8, -1, -1, -1], [0, 8, -1, -1, -1]])
-  np.testing.assert_array_equal(seqlens, [[2, 3, 3, -1], [8, -1, -1, -1], [8, -1, -1, -1]])
+  """The cuDNN packed-layout arguments, as JAX hands them to cuDNN, tile every row's runs."""
+  from jax._src.cudnn import fused_attention_stablehlo as fa
+  seg = np.asarray([[1, 1, 2, 2, 2, 0, 0, 0], [3, 3, 3, 3, 3, 3, 3, 3], [0] * 8,
+                    [1, 2, 2, 3, 4, 4, 0, 0]], np.int32)
+  seqlens, offsets, n = A._runs_to_packed(jnp.asarray(seg), 5)
+  np.testing.assert_array_equal(n, [3, 1, 1, 5])
+  b, t, heads, dim = seg.shape[0], seg.shape[1], 2, 4
+  q = jnp.zeros((b, t, heads, dim))
+  flat_len, _, flat_off, _ = fa._fix_seqlen_offsets(seqlens, seqlens, offsets, offsets, q, q)
+  flat_len, flat_off = np.ravel(flat_len), np.ravel(flat_off) // (heads * dim)
+  runs = []  # the oracle: (start, length) of every run, rows laid end to end
+  for r, row in enumerate(seg):
+    edges = [0] + [i for i in range(1, t) if row[i] != row[i - 1]] + [t]
+    runs += [(r * t + s, e - s) for s, e in zip(edges[:-1], edges[1:])]
+  got = [(int(o), int(l)) for o, l in zip(flat_off, flat_len) if l > 0]
+  assert got == runs
 
 
 def test_auto_and_errors():

@@ -47,8 +47,11 @@ def attend_xla(q, k, v, segment_ids):
 def _runs_to_packed(segment_ids, max_segments):
   """Contiguous runs of equal ids -> cuDNN packed layout (seqlens [B, M], offsets [B, M+1]).
 
-  Padding runs count as runs (they attend among themselves and are zeroed after), so no
-  query row is empty. Returns (seqlens, offsets, n_runs).
+  JAX's convention: offsets hold each run's start and -1 after the last run, with no end
+  marker (JAX flattens the rows and appends the end itself; an end marker would shift every
+  later row's runs by one and leave tokens no run covers, with garbage gradients). Padding
+  runs count as runs (they attend among themselves and are zeroed after), so no query row is
+  empty. Returns (seqlens, offsets, n_runs).
   """
   b, t = segment_ids.shape
   start = jnp.concatenate(
@@ -59,9 +62,9 @@ def _runs_to_packed(segment_ids, max_segments):
   idx = jnp.where(start, run, max_segments + 1)  # non-starts go out of range and are dropped
   offsets = jnp.full((b, max_segments + 1), -1, jnp.int32)
   offsets = offsets.at[jnp.arange(b)[:, None], idx].set(pos, mode="drop")
-  offsets = offsets.at[jnp.arange(b), n_runs].set(t, mode="drop")
+  ends = jnp.where(jnp.arange(max_segments + 1) == n_runs[:, None], t, offsets)
   j = jnp.arange(max_segments)
-  seqlens = jnp.where(j < n_runs[:, None], offsets[:, 1:] - offsets[:, :-1], -1)
+  seqlens = jnp.where(j < n_runs[:, None], ends[:, 1:] - ends[:, :-1], -1)
   return seqlens.astype(jnp.int32), offsets, n_runs
 
 
