@@ -7,5 +7,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a $OUT/env.txt
 date -u | tee -a $OUT/env.txt
 $PY benchmarks/cross_entropy_bench.py --out $OUT/ce.json 2>&1 | tee $OUT/ce.log | grep -v "^\s*$"
-[ -n "$DIAG" ] && $PY benchmarks/_diag_cudnn.py 2>&1 | tee $OUT/diag.log | grep -v "^\s*$"
+$PY benchmarks/attention_check.py 2>&1 | tee $OUT/check.log
 $PY benchmarks/attention_bench.py ${ATTN_ARGS:---sweep} --out $OUT/attn.json 2>&1 | tee $OUT/attn.log

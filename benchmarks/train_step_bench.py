@@ -48,8 +48,8 @@ def packed_batch(layout, rows, seq_len, docs_per_row, seed=0):
           "modality": modality, "loss_mask": ones, "cond_mask": 0 * ones}
 
 
-def main():
-  p = argparse.ArgumentParser()
+def add_model_args(p: argparse.ArgumentParser) -> None:
+  """The model and batch flags shared with benchmarks/torch_peer.py."""
   p.add_argument("--d_model", type=int, default=1024)
   p.add_argument("--n_layers", type=int, default=16)
   p.add_argument("--head_dim", type=int, default=128)
@@ -57,14 +57,11 @@ def main():
   p.add_argument("--ff_mult", type=float, default=4.0)
   p.add_argument("--seq_len", type=int, default=2048)
   p.add_argument("--batch", type=int, default=8, help="global batch (rows)")
-  p.add_argument("--docs_per_row", type=int, default=1)
-  p.add_argument("--attention", default="auto")
-  p.add_argument("--remat", default="none")
-  p.add_argument("--fsdp", type=int, default=1)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--text_vocab", type=int, default=32000)
-  args = p.parse_args()
 
+
+def model_config(args):
   c = get_base_config()
   m = c.model
   m.d_model, m.n_layers, m.head_dim = args.d_model, args.n_layers, args.head_dim
@@ -72,9 +69,23 @@ def main():
   m.n_kv_heads = m.n_heads // args.kv_ratio
   m.d_ff = int(args.ff_mult * args.d_model * 2 / 3) // 128 * 128
   m.base_width, m.base_depth = 256, 4
-  m.attention_impl, m.remat = args.attention, args.remat
   c.vocab.text_size = args.text_vocab
   c.data.seq_len, c.data.global_batch = args.seq_len, args.batch
+  return c
+
+
+def main():
+  p = argparse.ArgumentParser()
+  add_model_args(p)
+  p.add_argument("--docs_per_row", type=int, default=1)
+  p.add_argument("--attention", default="auto")
+  p.add_argument("--remat", default="none")
+  p.add_argument("--fsdp", type=int, default=1)
+  args = p.parse_args()
+
+  c = model_config(args)
+  m = c.model
+  m.attention_impl, m.remat = args.attention, args.remat
   c.mesh.fsdp, c.mesh.data = args.fsdp, -1
   c.train.steps = 1000
   validate_lib.validate(c, jax.device_count())
