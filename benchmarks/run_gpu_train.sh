@@ -2,7 +2,8 @@
 # Device-call driver for the train-step figures in docs/benchmarks.md. Sections (args):
 #   check   attention backends vs the reference; tiny-model training per attention backend
 #   peer    ~1B ladder point (d2048, 22 layers, GQA 4) on 1 GPU: JAX per backend, then PyTorch
-#   scale   the same point with FSDP on 1, 2, 4 GPUs (8 rows per GPU); the 3B point on 4 GPUs
+#   scale   the same point with FSDP on 1, 2, 4 GPUs (as many as there are; 8 rows per GPU),
+#           then the 3B point with FSDP over all GPUs
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD:$PYTHONPATH
 export NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
@@ -28,10 +29,12 @@ peer)
   done
   CUDA_VISIBLE_DEVICES=0 $PY benchmarks/torch_peer.py $ONE_B --batch=8 --steps=10 2>&1 | log peer ;;
 scale)
+  gpus=$(nvidia-smi -L | wc -l)
   for n in 1 2 4; do
+    [ $n -gt $gpus ] && break
     CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) $PY benchmarks/train_step_bench.py $ONE_B \
       --batch=$((8 * n)) --fsdp=$n --steps=10 --attention=cudnn 2>&1 | log scale
   done
-  $PY benchmarks/train_step_bench.py $THREE_B --batch=16 --fsdp=4 --steps=5 --remat=block \
+  $PY benchmarks/train_step_bench.py $THREE_B --batch=$((4 * gpus)) --fsdp=$gpus --steps=5 --remat=block \
     --attention=cudnn 2>&1 | log scale ;;
 esac; done
