@@ -23,7 +23,7 @@ check)
       2>&1 | grep -E "step (100|200|300)/|eval step|Error|error" | log check
   done ;;
 peer)
-  for impl in cudnn pallas_gpu; do
+  for impl in ${IMPLS:-cudnn pallas_gpu}; do
     CUDA_VISIBLE_DEVICES=0 $PY benchmarks/train_step_bench.py $ONE_B --batch=8 --steps=10 \
       --attention=$impl 2>&1 | log peer
   done

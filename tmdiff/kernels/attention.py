@@ -76,7 +76,9 @@ def attend_cudnn(q, k, v, segment_ids, *, max_segments: int | None = None):
 
   jax.nn.dot_product_attention takes no segment ids, so this calls cuDNN's packed layout
   (per-row segment offsets/lengths) from jax._src.cudnn; segments must be contiguous runs.
-  A row with more than `max_segments` runs, or a JAX without that API, falls back to 'xla'.
+  A row with more than `max_segments` runs falls back to our flash kernel ('pallas_gpu': the
+  fallback branch is planned in memory too, so it must not materialise [T, T] scores); a JAX
+  without that API falls back to 'xla'.
   """
   m = max_segments or CUDNN_MAX_SEGMENTS
   if _compat.cudnn_fa is None:
@@ -90,7 +92,7 @@ def attend_cudnn(q, k, v, segment_ids, *, max_segments: int | None = None):
         scale=scale, mask_type=_compat.cudnn_fa.MaskType.PADDING, qkv_layout="BTNH")
 
   out = jax.lax.cond(jnp.all(n_runs <= m), packed,
-                     lambda q, k, v: attend_xla(q, k, v, segment_ids), q, k, v)
+                     lambda q, k, v: attend_pallas_gpu(q, k, v, segment_ids), q, k, v)
   return jnp.where((segment_ids > 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
@@ -176,10 +178,10 @@ _BACKENDS = {"reference": attend_reference, "xla": attend_xla, "cudnn": attend_c
 IMPLS = ("auto",) + tuple(_BACKENDS)
 
 # Per-platform default. cuDNN is 2.5-3.4x faster than our Pallas kernel on H100/H200
-# (docs/benchmarks.md), but training with it went non-finite on an H200 (tiny model by step 25,
-# ~1B model within 10 steps) where 'xla' and 'pallas_gpu' stayed finite, and a kernel check saw a
-# non-finite dk once: it stays selectable ('cudnn') and is not the default until that is fixed.
-AUTO = {"gpu": "pallas_gpu", "tpu": "pallas_tpu", "cpu": "xla"}
+# (docs/benchmarks.md). Its packed path once went non-finite in training: the segment offsets
+# carried an end marker JAX does not expect (fixed; benchmarks/attention_check.py checks ragged
+# packed rows on the device).
+AUTO = {"gpu": "cudnn", "tpu": "pallas_tpu", "cpu": "xla"}
 
 
 def auto_impl(q, segment_ids) -> str:
