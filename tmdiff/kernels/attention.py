@@ -6,6 +6,7 @@ segment; padding rows return zeros, never NaN.
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -196,12 +197,50 @@ def auto_impl(q, segment_ids) -> str:
   return impl
 
 
+# Backends that are custom calls: XLA cannot partition them, so they run per device shard.
+_CUSTOM_CALLS = ("cudnn", "pallas_gpu", "pallas_tpu")
+
+
+def _mesh_spec(mesh, shape, logical):
+  """PartitionSpec of `logical` axes under the active rules, dropping axes that don't divide."""
+  spec = nn.logical_to_mesh_axes(logical)
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = 1
+    for name in names:
+      size *= mesh.shape[name]
+    out.append(axes if names and dim % size == 0 else None)
+  return jax.sharding.PartitionSpec(*out)
+
+
+def _per_shard(fn, q, k, v, segment_ids):
+  """fn on each device's rows and heads (shard_map over the mesh set with jax.set_mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(q, k, v, segment_ids)
+  q_spec = _mesh_spec(mesh, q.shape, ("batch", "length", "heads", "head_dim"))
+  kv_spec = _mesh_spec(mesh, k.shape, ("batch", "length", "kv_heads", "head_dim"))
+  if q_spec[2] != kv_spec[2]:  # heads and kv heads must split alike to keep the groups
+    q_spec = kv_spec = jax.sharding.PartitionSpec(q_spec[0], None, None, None)
+  if q_spec[0] != kv_spec[0]:
+    q_spec = kv_spec = jax.sharding.PartitionSpec(None, None, q_spec[2], None)
+  seg_spec = jax.sharding.PartitionSpec(q_spec[0], None)
+  return jax.shard_map(fn, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
+                       check_vma=False)(q, k, v, segment_ids)
+
+
 def attend(q, k, v, segment_ids, *, impl: str = "auto", **options):
-  """Bidirectional attention inside segments. `options` go to the backend (e.g. block sizes)."""
+  """Bidirectional attention inside segments. `options` go to the backend (e.g. block sizes).
+
+  Under a device mesh (`jax.set_mesh` with logical axis rules), custom-call backends run on
+  each device's shard of the batch and heads.
+  """
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"query heads {q.shape[2]} not a multiple of kv heads {k.shape[2]}")
   if impl == "auto":
     impl = auto_impl(q, segment_ids)
   if impl not in _BACKENDS:
     raise ValueError(f"unknown attention impl {impl!r}; choose from {sorted(_BACKENDS)} or 'auto'")
-  return _BACKENDS[impl](q, k, v, segment_ids, **options)
+  fn = lambda q, k, v, s: _BACKENDS[impl](q, k, v, s, **options)
+  return _per_shard(fn, q, k, v, segment_ids) if impl in _CUSTOM_CALLS else fn(q, k, v, segment_ids)
