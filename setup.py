@@ -30,6 +30,8 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100"],
         "gpu": ["jax[cuda12]>=0.10,<0.13"],
         "tpu": ["jax[tpu]>=0.10,<0.13"],
-        "seqio": ["seqio"],
+        # Tested together: seqio 0.0.20, TensorFlow 2.21.0, tensorflow-text 2.21.1 with jax
+        # 0.10.2, numpy 2.4.6, protobuf 7.36.2 on Python 3.11 (TensorFlow adds ~2 GB).
+        "seqio": ["seqio>=0.0.20,<0.1", "tensorflow>=2.21,<2.22", "tensorflow-text>=2.21,<2.22"],
     },
 )

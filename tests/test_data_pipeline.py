@@ -1,4 +1,5 @@
-"""Pipeline tests on the synthetic source: batch contract, packing, mixing, state."""
+"""Pipeline tests (synthetic source unless noted): batch contract, packing against a
+one-example-at-a-time reference, mixing, epoch order, state, workers, batched record reads."""
 import numpy as np
 import pytest
 
@@ -176,3 +177,181 @@ def test_config_errors_are_named():
     pipeline.make_dataset(_config(source="hub"), "train")
   with pytest.raises(pipeline.DataConfigError, match="split"):
     pipeline.make_dataset(_config(), "test")
+
+
+# ---- the vectorised pipeline against a one-example-at-a-time reference ----
+
+def _reference_rows(source, c, n_rows):
+  """Rows of `source` on the validation split (records in order), built one example at a time
+  with the reference layouts (text_example / pair_example) and the greedy packing rule."""
+  from tmdiff.data import synthetic
+  layout, seq_len = _layout(c), c.data.seq_len
+  n = synthetic.EXAMPLES_PER_SPLIT["validation"]
+
+  def examples():
+    for i in range(10**9):
+      rec = synthetic.make_record(source, i % n, split="validation", seed=c.seed,
+                                  seq_len=seq_len, layout=layout)
+      if source == "text":
+        yield pipeline.text_example(layout.to_unified(rec["text"], vocab_lib.TEXT), layout)
+      else:
+        (_, cond), (_, target) = rec.items()
+        m = pipeline.SOURCE_MODALITY[source]
+        yield pipeline.pair_example(layout.to_unified(cond, vocab_lib.TEXT),
+                                    layout.to_unified(target, m), m, layout)
+
+  stream, rows, pending = examples(), [], None
+  for _ in range(n_rows):
+    row = {f: np.zeros(seq_len, np.int32) for f in batch_lib.FIELDS}
+    row["tokens"][:] = layout.pad
+    filled = segments = 0
+    while filled < seq_len and segments < c.data.max_segments:
+      if pending is None:
+        pending = (next(stream), 0)
+      ex, offset = pending
+      remaining, room = len(ex["tokens"]) - offset, seq_len - filled
+      if source != "text" and filled:
+        break   # pairs: one per row
+      if remaining > room and filled and room < pipeline.MIN_SPLIT_TOKENS:
+        break
+      count = min(remaining, room)
+      segments += 1
+      dst, src = slice(filled, filled + count), slice(offset, offset + count)
+      for f in ("tokens", "modality", "cond_mask"):
+        row[f][dst] = ex[f][src]
+      row["segment_ids"][dst] = segments
+      row["positions"][dst] = np.arange(count)
+      row["loss_mask"][dst] = 1
+      filled += count
+      pending = None if count == remaining else (ex, offset + count)
+    rows.append(row)
+  return rows
+
+
+def test_rows_equal_the_one_example_at_a_time_reference_across_blocks():
+  weights = dict(text=0.5, image_text=0.3, audio_text=0.2)
+  c = _config(seq_len=48, global_batch=8, max_segments=3, mixture=weights)
+  per_block = pipeline.batches_per_block(8, 48) * 8
+  n_rows = 3 * per_block + 40   # crosses block boundaries; validation repeats its 256 records
+  sources = pipeline.mixture_sources(0, n_rows, list(weights.values()))
+  refs = {name: iter(_reference_rows(name, c, int((sources == k).sum())))
+          for k, name in enumerate(weights)}
+  it = iter(pipeline.make_dataset(c, "validation"))
+  got = [next(it) for _ in range(n_rows // 8)]
+  for g in range(n_rows // 8 * 8):
+    want = next(refs[list(weights)[sources[g]]])
+    for f in batch_lib.FIELDS:
+      np.testing.assert_array_equal(got[g // 8][f][g % 8], want[f], err_msg=f"row {g} {f}")
+
+
+def test_row_stream_does_not_depend_on_the_block_size(monkeypatch):
+  c = _config(seq_len=32, global_batch=4)
+  want = [next(it) for it in [iter(pipeline.make_dataset(c, "train"))] for _ in range(40)]
+  monkeypatch.setattr(pipeline, "MAX_BLOCK_BATCHES", 3)
+  assert pipeline.batches_per_block(4, 32) == 3
+  it = iter(pipeline.make_dataset(c, "train"))
+  for a in want:
+    b = next(it)
+    for f in batch_lib.FIELDS:
+      np.testing.assert_array_equal(a[f], b[f])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 100, 1000, 4097])
+def test_epoch_permutation_is_a_bijection(n):
+  keys = np.random.SeedSequence([3, 0]).generate_state(4, np.uint64)
+  perm = pipeline.permute(np.arange(n), n, keys)
+  assert sorted(perm.tolist()) == list(range(n))
+  if n >= 64:
+    other = pipeline.permute(np.arange(n), n, keys + np.uint64(1))
+    assert not np.array_equal(perm, np.arange(n)) and not np.array_equal(perm, other)
+
+
+def test_train_stream_visits_every_record_once_per_epoch():
+  from tmdiff.data import synthetic
+  c = _config(seq_len=32)
+  recs = synthetic.SyntheticRecords(c, "validation", "text", _layout(c))
+  stream = pipeline.ExampleStream(recs, "text", _layout(c), "error", None, offset=1, stride=3,
+                                  shuffle_seed=11)
+  mine = np.arange(1, len(recs), 3)
+  epochs = stream.record_indices(np.arange(3 * len(mine))).reshape(3, -1)
+  for order in epochs:
+    np.testing.assert_array_equal(np.sort(order), mine)
+  assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[0], mine)
+
+
+def test_mixture_sources_track_the_weights_in_every_window():
+  w = [0.5, 0.3, 0.2]
+  src = pipeline.mixture_sources(10**9, 20_000, w)   # far into a run, too
+  for start in range(0, 20_000, 1000):
+    counts = np.bincount(src[start:start + 1000], minlength=3) / 1000
+    np.testing.assert_allclose(counts, w, atol=0.01)
+  np.testing.assert_array_equal(pipeline.mixture_sources(5, 10, w),
+                                pipeline.mixture_sources(0, 15, w)[5:])
+
+
+def test_restore_at_every_offset_of_a_block_with_a_pending_document():
+  # Text only: rows split documents, so most states hold a pending document.
+  c = _config(seq_len=16, global_batch=2, mixture=dict(text=1.0, image_text=0.0,
+                                                       audio_text=0.0))
+  k = pipeline.batches_per_block(2, 16)
+  it = iter(pipeline.make_dataset(c, "train"))
+  states, batches = [], []
+  for _ in range(k + 5):
+    states.append(it.get_state())
+    batches.append(next(it))
+  for i in (0, 1, k - 1, k, k + 3):
+    restored = iter(pipeline.make_dataset(c, "train"))
+    restored.set_state(states[i])
+    for want in batches[i:i + 2]:
+      np.testing.assert_array_equal(next(restored)["tokens"], want["tokens"])
+
+
+def test_state_of_another_pipeline_version_is_refused():
+  it = iter(pipeline.make_dataset(_config(seq_len=32, global_batch=4), "train"))
+  with pytest.raises(pipeline.DataConfigError, match="another pipeline version"):
+    it.set_state({"parent": {}, "batches": 3, "tokens": [0, 0, 0], "rows": [0, 0, 0]})
+
+
+def test_worker_processes_meet_the_contract_and_restore():
+  c = _config(seq_len=32, global_batch=4, worker_count=2)
+  it = iter(pipeline.make_dataset(c, "train"))
+  for _ in range(70):   # past the first block of each worker
+    check_invariants(next(it), c)
+  state = it.get_state()
+  want = [next(it)["tokens"] for _ in range(3)]
+  restored = iter(pipeline.make_dataset(c, "train"))
+  restored.set_state(state)
+  for w in want:
+    np.testing.assert_array_equal(next(restored)["tokens"], w)
+
+
+def test_bench_reports_per_host_rates():
+  from tmdiff.data import bench
+  r = bench.run(_config(seq_len=32, global_batch=4), batches=3, seconds=0.0, warmup_s=0.0)
+  assert r["batches"] >= 3 and r["tokens_per_s"] == pytest.approx(
+      r["batches_per_s"] * 4 * 32, rel=0.01)
+
+
+def test_batched_record_reads_equal_one_at_a_time_and_name_bad_records(tmp_path):
+  from tmdiff.data import records
+  rng = np.random.default_rng(0)
+  arrays = [{"caption": rng.integers(0, 50, rng.integers(1, 9)).astype(np.int32),
+             "image": rng.integers(0, 64, 16).astype(np.int32)} for _ in range(40)]
+  blobs = [records.encode_record(a, {"id": i, "note": "x" * i}) for i, a in enumerate(arrays)]
+  blobs[7] = blobs[7][:-5] + bytes([blobs[7][-5] ^ 1]) + blobs[7][-4:]   # corrupt one
+  paths = []
+  for k in range(2):
+    paths.append(str(tmp_path / records.shard_name("train", k, 2)))
+    records.write_shard(paths[-1], blobs[20 * k:20 * (k + 1)], {})
+  reader = records.ShardReader(paths)
+  order = rng.permutation(80) % 40   # wraps, both shards, repeats
+  got = reader.read_many(order)
+  for i, item in zip(order.tolist(), got):
+    if i == 7:
+      assert isinstance(item, records.RecordError)
+      assert str(item).startswith(f"{paths[0]} record 7: checksum mismatch")
+      continue
+    want, meta = reader[i]
+    assert meta["id"] == i and set(item) == set(want)
+    for name in want:
+      np.testing.assert_array_equal(item[name], want[name])

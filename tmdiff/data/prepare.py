@@ -147,8 +147,15 @@ def raw_items(source: str, split: str, args) -> list[dict]:
   """Raw items of `source` for `split`, from user data when given, else embedded."""
   if source == "text":
     if args.text_files:
-      docs = sources_lib.user_text_documents(args.text_files.split(","), split, seed=args.seed,
-                                             validation_fraction=args.user_validation_fraction)
+      entries = [e for e in args.text_files.split(",") if e]
+      files = [e for e in entries if not e.startswith("seqio:")]
+      docs = sources_lib.user_text_documents(files, split, seed=args.seed,
+                                             validation_fraction=args.user_validation_fraction
+                                             ) if files else []
+      for spec in (e for e in entries if e.startswith("seqio:")):   # tmdiff.data.seqio_bridge
+        from tmdiff.data import seqio_bridge
+        docs += seqio_bridge.task_documents(spec, split, seed=args.seed,
+                                            validation_fraction=args.user_validation_fraction)
     else:
       docs = sources_lib.text_documents(split, seed=args.seed)
     if args.max_text_docs:
@@ -429,7 +436,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--max_text_docs", type=int, default=0, help="cap documents per split (0: all)")
   p.add_argument("--image_tokenizer_steps", type=int, default=DEFAULTS["image_tokenizer_steps"])
   p.add_argument("--audio_tokenizer_steps", type=int, default=DEFAULTS["audio_tokenizer_steps"])
-  p.add_argument("--text_files", default="", help="comma-separated .txt/.jsonl files or globs")
+  p.add_argument("--text_files", default="", help="comma-separated .txt/.jsonl files or globs, "
+                 "or seqio:TASK[?feature=F&module=M] (tmdiff.data.seqio_bridge)")
   p.add_argument("--image_dir", default="")
   p.add_argument("--image_captions", default="", help="JSONL of {file, caption}")
   p.add_argument("--audio_dir", default="", help="folder of .wav (+ .txt transcripts)")

@@ -25,6 +25,7 @@ that order, little-endian. The CRC turns silent corruption into a clear error.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import struct
@@ -44,6 +45,9 @@ SOURCE_FIELDS = {
     "audio_text": (("transcript", "text"), ("audio", "audio")),
 }
 MANIFEST = "manifest.json"
+# ArrayRecordReader options for random access: no read-ahead past the record; one thread
+# (parallelism comes from Grain worker processes, data.worker_count).
+READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:1"
 
 
 class RecordError(ValueError):
@@ -64,29 +68,48 @@ def encode_record(arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = N
   return body + struct.pack("<I", zlib.crc32(body))
 
 
-def decode_record(data: bytes, where: str = "record") -> tuple[dict[str, np.ndarray], dict]:
-  """Parses bytes written by `encode_record`; `where` names the file and record in errors."""
+def decode_record(data: bytes, where: str = "record", *, copy: bool = True,
+                  meta: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+  """Parses bytes written by `encode_record`; `where` names the file and record in errors.
+
+  copy=False returns read-only arrays over `data` (no copy on little-endian hosts);
+  meta=False skips parsing the meta dict (returned empty), most of a header's parse time.
+  """
   if len(data) < 12 or data[:4] != MAGIC:
     raise RecordError(f"{where}: not a tmdiff record (bad magic or too short: {len(data)} bytes)")
-  body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
-  if zlib.crc32(body) != crc:
+  end = len(data) - 4
+  if zlib.crc32(memoryview(data)[:end]) != struct.unpack_from("<I", data, end)[0]:
     raise RecordError(f"{where}: checksum mismatch (corrupt or truncated record)")
-  (header_len,) = struct.unpack("<I", body[4:8])
+  (header_len,) = struct.unpack_from("<I", data, 4)
   try:
-    header = json.loads(body[8:8 + header_len])
+    text = data[8:8 + header_len].decode()
+    if not meta and text.startswith(_FIELDS_PREFIX):  # parse the fields list alone
+      header = {"fields": _JSON.raw_decode(text, len(_FIELDS_PREFIX))[0], "meta": {}}
+    else:
+      header = json.loads(text)
   except ValueError as e:
     raise RecordError(f"{where}: unreadable header ({e})") from None
   offset, arrays = 8 + header_len, {}
   for name, dtype, length in header["fields"]:
-    dt = np.dtype(dtype)
+    dt = _dtype(dtype)
     nbytes = dt.itemsize * length
-    if offset + nbytes > len(body):
+    if offset + nbytes > end:
       raise RecordError(f"{where}: field {name!r} runs past the end of the record")
-    arrays[name] = np.frombuffer(body, dt, length, offset).astype(dt.newbyteorder("="))
+    array = np.frombuffer(data, dt, length, offset)
+    arrays[name] = array.astype(dt.newbyteorder("=")) if copy or not dt.isnative else array
     offset += nbytes
-  if offset != len(body):
-    raise RecordError(f"{where}: {len(body) - offset} trailing bytes after the last field")
+  if offset != end:
+    raise RecordError(f"{where}: {end - offset} trailing bytes after the last field")
   return arrays, header["meta"]
+
+
+_FIELDS_PREFIX = '{"fields":'
+_JSON = json.JSONDecoder()
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype(name: str) -> np.dtype:
+  return np.dtype(name)
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -122,8 +145,10 @@ class ShardReader:
   (arrays, meta) tuples. Readers open lazily, so it pickles for worker processes.
   """
 
-  def __init__(self, paths: list[str], expected_counts: list[int] | None = None):
+  def __init__(self, paths: list[str], expected_counts: list[int] | None = None,
+               options: str | None = None):
     self._paths = list(paths)
+    self._options = READER_OPTIONS if options is None else options
     self._readers: list[Any] = [None] * len(self._paths)
     counts = []
     for i, path in enumerate(self._paths):
@@ -140,7 +165,7 @@ class ShardReader:
     if self._readers[i] is None:
       from array_record.python import array_record_module
       try:
-        self._readers[i] = array_record_module.ArrayRecordReader(self._paths[i])
+        self._readers[i] = array_record_module.ArrayRecordReader(self._paths[i], self._options)
       except Exception as e:  # array_record raises plain RuntimeError/ValueError
         raise RecordError(f"{self._paths[i]}: cannot open shard ({e})") from None
     return self._readers[i]
@@ -155,6 +180,11 @@ class ShardReader:
     shard = int(np.searchsorted(self._starts, index, side="right")) - 1
     return self._paths[shard], int(index - self._starts[shard])
 
+  def where(self, index: int) -> str:
+    """'<shard path> record <i>': how errors name record `index`."""
+    path, local = self.locate(int(index) % len(self))
+    return f"{path} record {local}"
+
   def __getitem__(self, index: int):
     index = int(index) % len(self)
     shard = int(np.searchsorted(self._starts, index, side="right")) - 1
@@ -166,6 +196,39 @@ class ShardReader:
       raise RecordError(f"{where}: unreadable ({e})") from None
     arrays, meta = decode_record(data, where)
     return arrays, dict(meta, _where=where)
+
+  def read_many(self, indices) -> list:
+    """Arrays of records `indices` in order, one ArrayRecord read per shard touched.
+
+    A record that cannot be read or decoded comes back as a RecordError naming its file and
+    record (returned, not raised: the caller's bad-record policy decides).
+    """
+    indices = np.asarray(indices, np.int64) % len(self)
+    shards = np.searchsorted(self._starts, indices, side="right") - 1
+    locals_ = indices - self._starts[shards]
+    out: list = [None] * len(indices)
+    for shard in np.unique(shards):
+      slots = np.nonzero(shards == shard)[0]
+      wanted = locals_[slots].tolist()
+      try:
+        blobs = self._reader(int(shard)).read(wanted)
+      except Exception:  # find the unreadable record(s) one by one
+        blobs = []
+        for local in wanted:
+          try:
+            blobs.append(self._reader(int(shard)).read([local])[0])
+          except Exception as e:
+            blobs.append(RecordError(f"{self._paths[shard]} record {local}: unreadable ({e})"))
+      for slot, local, blob in zip(slots.tolist(), wanted, blobs):
+        if isinstance(blob, RecordError):
+          out[slot] = blob
+          continue
+        try:
+          out[slot] = decode_record(blob, f"{self._paths[shard]} record {local}", copy=False,
+                                    meta=False)[0]
+        except RecordError as e:
+          out[slot] = e
+    return out
 
 
 @dataclasses.dataclass

@@ -4,12 +4,11 @@ Random but structured sequences, so a model can learn something in a few steps:
   text:        arithmetic progressions over the text ids (start, stride random);
   image_text:  a short caption; the image ids are a fixed function of the caption;
   audio_text:  a short transcript; 3 audio ids per transcript token, a function of it.
-Same example layouts as prepared data (pipeline.text_example / pair_example), so the rest of
-the pipeline (packing, padding, mixing, state) is exercised unchanged.
+Records have the fields of prepared records (local ids), so the rest of the pipeline
+(validation, layout, packing, padding, mixing, state) is exercised unchanged.
 """
 from __future__ import annotations
 
-import grain
 import numpy as np
 
 from tmdiff.data import vocab as vocab_lib
@@ -27,37 +26,55 @@ def _sizes(seq_len: int) -> tuple[int, int]:
   return max_cond, image_tokens
 
 
-def make_example(source: str, index: int, *, split: str, seed: int, seq_len: int,
-                 layout: vocab_lib.VocabLayout) -> dict[str, np.ndarray]:
-  from tmdiff.data import pipeline  # layouts live with the pipeline
+def make_record(source: str, index: int, *, split: str, seed: int, seq_len: int,
+                layout: vocab_lib.VocabLayout) -> dict[str, np.ndarray]:
+  """Record `index` of `source` in local ids, with the fields of prepared records
+  (tmdiff.data.records.SOURCE_FIELDS)."""
+  from tmdiff.data import records
   rng = np.random.default_rng([seed, ("train", "validation").index(split),
-                               pipeline.SOURCES.index(source), index])
+                               records.SOURCES.index(source), index])
   max_cond, image_tokens = _sizes(seq_len)
   if source == "text":
     n = int(rng.integers(4, 2 * seq_len))
     start, stride = int(rng.integers(layout.text_size)), int(rng.integers(1, 4))
-    local = (start + stride * np.arange(n)) % layout.text_size
-    return pipeline.text_example(layout.to_unified(local, vocab_lib.TEXT), layout)
+    return {"text": ((start + stride * np.arange(n)) % layout.text_size).astype(np.int32)}
   cond = rng.integers(0, min(64, layout.text_size), size=int(rng.integers(1, max_cond + 1)))
   if source == "image_text":
     base, stride = int(cond.sum()), int(cond[0]) + 1
     target = (base + stride * np.arange(image_tokens)) % layout.image_size
-    modality = vocab_lib.IMAGE
-  elif source == "audio_text":
+    return {"caption": cond.astype(np.int32), "image": target.astype(np.int32)}
+  if source == "audio_text":
     target = ((np.repeat(cond, AUDIO_PER_TEXT_TOKEN) * 7
                + np.tile(np.arange(AUDIO_PER_TEXT_TOKEN), len(cond))) % layout.audio_size)
-    modality = vocab_lib.AUDIO
-  else:
-    raise ValueError(f"unknown source {source!r}; known {pipeline.SOURCES}")
-  return pipeline.pair_example(layout.to_unified(cond, vocab_lib.TEXT),
-                               layout.to_unified(target, modality), modality, layout)
+    return {"transcript": cond.astype(np.int32), "audio": target.astype(np.int32)}
+  raise ValueError(f"unknown source {source!r}; known {records.SOURCES}")
 
 
-def example_dataset(config, split: str, source: str,
-                    layout: vocab_lib.VocabLayout) -> grain.MapDataset:
-  """A MapDataset of examples of `source` for `split` (deterministic from config.seed)."""
-  seed, seq_len = int(config.seed), int(config.data.seq_len)
-  _sizes(seq_len)
-  return grain.MapDataset.range(EXAMPLES_PER_SPLIT[split]).map(
-      lambda i: make_example(source, int(i), split=split, seed=seed, seq_len=seq_len,
-                             layout=layout))
+class SyntheticRecords:
+  """The records of one source and split, made on first use and kept (a few thousand).
+
+  The record-source protocol of the pipeline (like records.ShardReader): __len__,
+  read_many(indices) and where(index).
+  """
+
+  def __init__(self, config, split: str, source: str, layout: vocab_lib.VocabLayout):
+    self._args = dict(split=split, seed=int(config.seed), seq_len=int(config.data.seq_len),
+                      layout=layout)
+    _sizes(self._args["seq_len"])
+    self._source, self._split = source, split
+    self._made: dict[int, dict[str, np.ndarray]] = {}
+
+  def __len__(self) -> int:
+    return EXAMPLES_PER_SPLIT[self._split]
+
+  def where(self, index: int) -> str:
+    return f"synthetic {self._source}/{self._split} record {int(index) % len(self)}"
+
+  def read_many(self, indices) -> list[dict[str, np.ndarray]]:
+    out = []
+    for i in np.asarray(indices, np.int64) % len(self):
+      i = int(i)
+      if i not in self._made:
+        self._made[i] = make_record(self._source, i, **self._args)
+      out.append(self._made[i])
+    return out
