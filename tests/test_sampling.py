@@ -5,6 +5,7 @@ is chi-square with (cells - constraints) degrees of freedom. Each check fails wh
 the 1 - 1e-4 quantile, so a correct sampler fails a given seed with probability 1e-4, while
 the power checks below show the same bound rejects samplers that are off by a few percent.
 """
+import itertools
 import json
 
 import jax
@@ -16,6 +17,7 @@ from scipy import stats
 from tmdiff.configs.base import get_base_config
 from tmdiff.data import vocab as vocab_lib
 from tmdiff.diffusion import sampling
+from tmdiff.diffusion import schedules as schedules_lib
 
 LAYOUT = vocab_lib.VocabLayout(text_size=6, image_size=4, audio_size=4)
 MASK = LAYOUT.mask
@@ -181,10 +183,10 @@ def mixed_denoiser(tokens, positions, segment_ids, modality):
   return jnp.sin(h.astype(jnp.float32)) * 3.0
 
 
-@pytest.mark.parametrize("settings", ALL_METHODS, ids=lambda s: f"{s.method}-{s.steps}")
-def test_all_positions_end_unmasked_and_given_positions_never_change(settings):
-  rng = np.random.default_rng(0)
-  b, length = 16, 24
+def _check_invariants(settings, b=16, length=24, seed=0):
+  """Random rows (all modalities, given tokens, <bos>, trailing padding): no mask is left, given
+  positions are unchanged, generated tokens lie in their modality's range (strict bias)."""
+  rng = np.random.default_rng(seed)
   modality = rng.integers(0, 3, (b, length)).astype(np.int32)
   tokens = np.zeros((b, length), np.int32)
   for m in range(3):
@@ -198,7 +200,8 @@ def test_all_positions_end_unmasked_and_given_positions_never_change(settings):
   modality[:, -3:] = 0
   inputs = _rows(tokens, modality)
   inputs["segment_ids"] = segment_ids
-  out = _run(mixed_denoiser, inputs, settings, bias=sampling.logit_bias(LAYOUT, strict=True)[:, :V])
+  out = _run(mixed_denoiser, inputs, settings, seed=seed,
+             bias=sampling.logit_bias(LAYOUT, strict=True)[:, :V])
   assert not np.any(out == MASK)
   given = tokens != MASK
   np.testing.assert_array_equal(out[given], tokens[given])
@@ -209,6 +212,11 @@ def test_all_positions_end_unmasked_and_given_positions_never_change(settings):
     if m == vocab_lib.TEXT:
       ok |= out[sel] == LAYOUT.eos
     assert np.all(ok)
+
+
+@pytest.mark.parametrize("settings", ALL_METHODS, ids=lambda s: f"{s.method}-{s.steps}")
+def test_all_positions_end_unmasked_and_given_positions_never_change(settings):
+  _check_invariants(settings)
 
 
 def test_same_key_same_samples_other_key_other_samples():
@@ -241,6 +249,49 @@ def test_filter_logits_top_p_and_top_k():
   np.testing.assert_array_equal(kept(top_p=0.1), [1, 0, 0, 0])
   np.testing.assert_array_equal(kept(top_k=3), [1, 1, 1, 0])
   np.testing.assert_array_equal(kept(top_k=2, top_p=0.99), [1, 1, 0, 0])
+
+
+def _nucleus_reference(logits, top_p):
+  """Plain float64 nucleus: ids whose strictly more probable ids hold less than top_p."""
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  before = (p[..., None, :] * (p[..., None, :] > p[..., :, None])).sum(-1)
+  return (before < top_p) & np.isfinite(logits)
+
+
+def test_nucleus_search_matches_the_sorted_definition():
+  rng = np.random.default_rng(0)
+  v = 300
+  rows = np.stack([3 * rng.normal(size=v), np.zeros(v), 1e-3 * rng.normal(size=v),
+                   np.round(rng.normal(size=v), 1),  # many ties
+                   np.where(rng.random(v) < 0.5, -np.inf, rng.normal(size=v)),
+                   4 * rng.standard_t(2, size=v), 20 * rng.normal(size=v)])
+  for top_p in (0.1, 0.5, 0.9, 0.95, 0.999):
+    kept = np.isfinite(np.asarray(sampling.filter_logits(jnp.asarray(rows, jnp.float32),
+                                                         top_p=jnp.float32(top_p))))
+    # float32 sums may differ from float64 only for an id whose predecessors' mass is within
+    # rounding of top_p: bracket by the reference at top_p -/+ 1e-5.
+    assert np.all(_nucleus_reference(rows, top_p - 1e-5) <= kept)
+    assert np.all(kept <= _nucleus_reference(rows, top_p + 1e-5))
+  assert kept.sum(-1)[1] == v and kept.sum(-1)[-1] <= 3
+
+
+def test_inverse_cdf_draw_follows_the_softmax():
+  rng = np.random.default_rng(1)
+  v = 300  # not a multiple of the chunk: the padding must never be drawn
+  logits = np.full(v, -np.inf)
+  live = rng.choice(v, 12, replace=False)
+  live[0] = v - 1  # the last id, next to the padding
+  logits[live] = rng.normal(size=12)
+  probs = np.exp(logits - logits[live].max())
+  probs /= probs.sum()
+  n = 20_000
+  ids, log_norm = sampling.draw(jax.random.key(2, impl="rbg"),
+                                jnp.tile(jnp.asarray(logits, jnp.float32), (n, 1)), chunk=64)
+  counts = np.bincount(np.asarray(ids), minlength=v)
+  assert counts.sum() == n and counts[probs == 0].sum() == 0
+  assert _pearson(counts[live], probs[live]) < _chi2_bound(11)
+  np.testing.assert_allclose(log_norm, np.log(np.exp(logits[live]).sum()), rtol=1e-5)
 
 
 # --- classifier-free guidance -----------------------------------------------------------------
@@ -311,6 +362,191 @@ def test_settings_come_from_the_config_and_bad_settings_name_the_key():
     sampling.SamplerSettings(method="maskgit", remask_eta=0.1)
   with pytest.raises(sampling.SamplerError, match="modality"):
     sampling.settings_from_config(c.sampling, "video")
+  with pytest.raises(sampling.SamplerError, match="block_length"):
+    sampling.SamplerSettings(block_length=-1)
+  c.sampling.text.block_length = 32
+  assert sampling.settings_from_config(c.sampling, "text").block_length == 32
+
+
+# --- semi-autoregressive blocks --------------------------------------------------------------
+def _joint4():
+  """A dependent law over 4 binary positions (Ising chain with a long-range term); every cell
+  >= 0.4%, so 10k draws put >= 45 expected counts in each of the 16 cells."""
+  spins = 2 * np.array(list(itertools.product([0, 1], repeat=4))) - 1
+  energy = (0.7 * (spins[:, :-1] * spins[:, 1:]).sum(1) - 0.5 * spins[:, 0] * spins[:, 3]
+            + 0.3 * spins[:, 1])
+  p = np.exp(energy)
+  return (p / p.sum()).reshape(2, 2, 2, 2)
+
+
+JOINT4 = _joint4()
+
+
+def _conditional(joint, state, i):
+  """P(x_i | the revealed entries of state) from the joint table; state entries -1 = masked."""
+  sub = joint[tuple(slice(None) if v < 0 else v for v in state)]
+  masked = [a for a, v in enumerate(state) if v < 0]
+  others = tuple(a for a in range(len(masked)) if a != masked.index(i))
+  marginal = sub.sum(axis=others)
+  return marginal / marginal.sum()
+
+
+def _conditional_table4():
+  """[81, 4, 2] exact conditionals of JOINT4 at each position given each state (revealed
+  positions get their own value with probability 1)."""
+  table = np.zeros((81, 4, 2))
+  for state in itertools.product((-1, 0, 1), repeat=4):
+    index = sum((v + 1) * 3 ** i for i, v in enumerate(state))
+    for i, v in enumerate(state):
+      table[index, i] = _conditional(JOINT4, state, i) if v < 0 else np.eye(2)[v]
+  return table
+
+
+COND4 = np.log(np.maximum(_conditional_table4(), 1e-30)).astype(np.float32)
+
+
+def joint4_denoiser(tokens, positions, segment_ids, modality):
+  """Row <bos> x1..x4: the exact conditionals of JOINT4 given whichever x are unmasked."""
+  x = tokens[:, 1:5]
+  code = jnp.where(x == MASK, 0, jnp.clip(x - TEXT0, 0, 1) + 1)
+  index = (code * jnp.array([1, 3, 9, 27])).sum(-1)
+  out = jnp.full(tokens.shape + (V,), FAR, jnp.float32)
+  return out.at[:, 1:5, TEXT0:TEXT0 + 2].set(jnp.asarray(COND4)[index])
+
+
+def block_ancestral_law(joint, blocks, steps_per_block, schedule="linear"):
+  """Exact output law of ancestral sampling run block by block (plain-numpy oracle): a
+  distribution over partial states, advanced step by step; in a block's step j of n each
+  masked position of the block is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t)
+  (1 at its last step), and the positions revealed together are drawn independently from their
+  conditionals given what is revealed before the step."""
+  sched = schedules_lib.make_schedule(schedule)
+  dist = {(-1,) * joint.ndim: 1.0}
+  for block, n in zip(blocks, steps_per_block):
+    for j in range(n):
+      a_t, a_s = float(sched.alpha(1 - j / n)), float(sched.alpha(1 - (j + 1) / n))
+      r = 1.0 if j == n - 1 else (a_s - a_t) / (1 - a_t)
+      advanced = {}
+      for state, p in dist.items():
+        masked = [i for i in block if state[i] < 0]
+        for k in range(len(masked) + 1):
+          for subset in itertools.combinations(masked, k):
+            weight = p * r ** k * (1 - r) ** (len(masked) - k)
+            conds = [_conditional(joint, state, i) for i in subset]
+            for values in itertools.product(range(2), repeat=k):
+              new = list(state)
+              for i, value in zip(subset, values):
+                new[i] = value
+              q = weight * float(np.prod([c[value] for c, value in zip(conds, values)]))
+              advanced[tuple(new)] = advanced.get(tuple(new), 0.0) + q
+      dist = advanced
+  law = np.zeros(joint.shape)
+  for state, p in dist.items():
+    law[state] += p
+  return law
+
+
+# (block_length, steps) -> blocks of the 4 masked positions and the steps each block gets.
+BLOCK_CASES = {(0, 4): ([[0, 1, 2, 3]], [4]),
+               (2, 4): ([[0, 1], [2, 3]], [2, 2]),
+               (3, 5): ([[0, 1, 2], [3]], [3, 2]),
+               (1, 4): ([[0], [1], [2], [3]], [1, 1, 1, 1])}
+
+
+@pytest.mark.parametrize("block_length,steps", list(BLOCK_CASES), ids=str)
+def test_block_ancestral_reproduces_its_exact_law(block_length, steps):
+  blocks, per_block = BLOCK_CASES[(block_length, steps)]
+  law = block_ancestral_law(JOINT4, blocks, per_block)
+  if block_length == 1:  # one token per block: left-to-right factorisation, the joint itself
+    np.testing.assert_allclose(law, JOINT4, atol=1e-12)
+  settings = _S(method="ancestral", steps=steps, block_length=block_length)
+  out = _run(joint4_denoiser, _rows(np.tile([LAYOUT.bos] + [MASK] * 4, (N, 1))), settings)
+  x = out[:, 1:5] - TEXT0
+  assert np.all((x == 0) | (x == 1))
+  counts = np.bincount(x @ np.array([8, 4, 2, 1]), minlength=16)
+  assert _pearson(counts, law.reshape(-1)) < _chi2_bound(15)
+  # Power: the same bound rejects the law of the other plan (blocks on vs off).
+  other = BLOCK_CASES[(2, 4) if block_length == 0 else (0, 4)]
+  assert _pearson(counts, block_ancestral_law(JOINT4, *other).reshape(-1)) > _chi2_bound(15)
+
+
+def test_block_clock_splits_steps_evenly_and_gives_every_block_one():
+  for steps in range(1, 13):
+    for n_blocks in range(1, 9):
+      total = max(steps, n_blocks)
+      plan = [tuple(int(a[0, 0]) for a in sampling.block_clock(  # numpy ints work too
+          k, np.full((1, 1), n_blocks), total)) for k in range(total)]
+      blocks = [b for b, _, _ in plan]
+      assert blocks == sorted(blocks) and set(blocks) == set(range(n_blocks))
+      sizes = np.bincount(blocks)
+      assert sizes.max() - sizes.min() <= 1
+      for k, (b, j, n) in enumerate(plan):  # step j of n within the block, consecutive
+        assert n == sizes[b] and j == k - blocks.index(b)
+
+
+ORDER_LAYOUT = vocab_lib.VocabLayout(text_size=64, image_size=4, audio_size=4)
+ORDER_TEXT0 = ORDER_LAYOUT.text_range[0]
+
+
+def mask_count_denoiser(tokens, positions, segment_ids, modality):
+  """Every position surely takes text id (number of <mask> in its row when called): a revealed
+  value records how far generation had got when it was drawn."""
+  n_masked = (tokens == ORDER_LAYOUT.mask).sum(-1)
+  value = ORDER_TEXT0 + jnp.minimum(n_masked, 63)
+  out = jnp.full(tokens.shape + (ORDER_LAYOUT.size,), FAR, jnp.float32)
+  return jnp.where(jnp.arange(ORDER_LAYOUT.size) == value[:, None, None], 0.0, out)
+
+
+def _block_order_violations(tokens, out, block_length):
+  """Generated positions not drawn while their block was current: earlier blocks all revealed
+  (masks left <= M - b * block_length) and later blocks all masked (>= their size + 1)."""
+  bad = 0
+  for row_in, row_out in zip(tokens, out):
+    where = np.flatnonzero(row_in == ORDER_LAYOUT.mask)
+    m = len(where)
+    for order, i in enumerate(where):
+      b = order // block_length
+      masks_left = row_out[i] - ORDER_TEXT0
+      bad += not (max(m - (b + 1) * block_length, 0) + 1 <= masks_left <= m - b * block_length)
+  return bad
+
+
+@pytest.mark.parametrize("settings", [
+    _S(method="ancestral", steps=16, block_length=5),
+    _S(method="ancestral", steps=3, block_length=5),  # fewer steps than blocks: one per block
+    _S(method="ancestral", steps=20, block_length=4, remask_eta=0.5),
+    _S(method="confidence", steps=16, block_length=5),
+    _S(method="maskgit", steps=12, schedule="cosine", block_length=7),
+    _S(method="threshold", steps=8, threshold=0.5, block_length=5),
+], ids=lambda s: f"{s.method}-{s.steps}-{s.block_length}")
+def test_blocks_fill_left_to_right(settings):
+  rng = np.random.default_rng(1)
+  tokens = np.where(rng.random((6, 40)) < 0.7, ORDER_LAYOUT.mask,
+                    rng.integers(ORDER_TEXT0, ORDER_TEXT0 + 64, (6, 40))).astype(np.int32)
+  tokens[:, 0] = ORDER_LAYOUT.bos
+  tokens[0, 1:] = ORDER_LAYOUT.mask  # one fully masked row (no prompt)
+  bias = sampling.logit_bias(ORDER_LAYOUT)[:, :ORDER_LAYOUT.size]
+  out = _run(mask_count_denoiser, _rows(tokens), settings, bias=bias)
+  given = tokens != ORDER_LAYOUT.mask
+  assert not np.any(out == ORDER_LAYOUT.mask)
+  np.testing.assert_array_equal(out[given], tokens[given])
+  assert _block_order_violations(tokens, out, settings.block_length) == 0
+  if settings.method == "ancestral" and settings.remask_eta == 0:
+    # Power: without blocks the same check fails.
+    plain = _run(mask_count_denoiser, _rows(tokens), settings.replace(block_length=0), bias=bias)
+    assert _block_order_violations(tokens, plain, settings.block_length) > 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_block_invariants_over_random_shapes_and_methods(seed):
+  rng = np.random.default_rng(100 + seed)
+  method = ("ancestral", "confidence", "maskgit", "threshold")[seed]
+  settings = _S(method=method, steps=int(rng.integers(1, 12)),
+                block_length=int(rng.integers(1, 9)),
+                remask_eta=0.3 if method == "ancestral" else 0.0,
+                top_p=0.8 if method == "confidence" else 1.0)
+  _check_invariants(settings, b=int(rng.integers(1, 9)), length=int(rng.integers(5, 40)),
+                    seed=seed)
 
 
 # --- the model path and the CLI's pieces ------------------------------------------------------

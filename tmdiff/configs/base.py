@@ -104,20 +104,22 @@ def get_base_config() -> mlc.ConfigDict:
   # Sampler defaults per generated modality (tmdiff.diffusion.sampling.SamplerSettings):
   # method ancestral | confidence | maskgit | threshold; schedule: alpha(t) name; temperature 0
   # = greedy; top_k 0 / top_p 1 = off; cfg_scale 1 = no guidance, 0 = unconditional, applied
-  # while t in cfg_window; remask_eta > 0: ReMDM remasking (ancestral). Untuned starting points.
+  # while t in cfg_window; remask_eta > 0: ReMDM remasking (ancestral); block_length > 0:
+  # semi-autoregressive blocks of that many masked positions, left to right, `steps` split over
+  # the blocks (0 = off). Untuned starting points.
   c.sampling = mlc.ConfigDict(dict(
       text=mlc.ConfigDict(dict(
           method="ancestral", steps=64, schedule="linear", temperature=1.0, top_k=0, top_p=0.95,
           cfg_scale=1.0, cfg_window=(0.0, 1.0), confidence="sampled", choice_temperature=4.5,
-          threshold=0.9, remask_eta=0.0)),
+          threshold=0.9, remask_eta=0.0, block_length=0)),
       image=mlc.ConfigDict(dict(
           method="ancestral", steps=64, schedule="linear", temperature=1.0, top_k=0, top_p=1.0,
           cfg_scale=2.0, cfg_window=(0.0, 1.0), confidence="sampled", choice_temperature=4.5,
-          threshold=0.9, remask_eta=0.0)),
+          threshold=0.9, remask_eta=0.0, block_length=0)),
       audio=mlc.ConfigDict(dict(
           method="ancestral", steps=32, schedule="linear", temperature=1.0, top_k=0, top_p=1.0,
           cfg_scale=2.0, cfg_window=(0.0, 1.0), confidence="sampled", choice_temperature=4.5,
-          threshold=0.9, remask_eta=0.0)),
+          threshold=0.9, remask_eta=0.0, block_length=0)),
   ))
   c.lock()
   return c
