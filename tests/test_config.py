@@ -1,16 +1,11 @@
 """Config: locked base, validation errors naming the key, SDE-derived hyperparameters."""
-import glob
-import importlib.util
 import math
-import os
 
 import pytest
 
 from tmdiff.configs import validate as validate_lib
 from tmdiff.configs.base import get_base_config
 from tmdiff.configs.derived import ConfigError, derive, reparameterise, sde_kappa
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_base_config_is_locked():
@@ -19,19 +14,6 @@ def test_base_config_is_locked():
     c.train.stepz = 3  # a typo names the close key
   with pytest.raises(AttributeError):
     c.new_section = 1
-
-
-EXPERIMENTS = sorted(p for p in glob.glob(os.path.join(ROOT, "experiments", "**", "*.py"), recursive=True)
-                     if not os.path.basename(p).startswith("_"))
-
-
-@pytest.mark.parametrize("path", EXPERIMENTS)
-def test_experiment_files_load_and_validate(path):
-  spec = importlib.util.spec_from_file_location("experiment", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  assert module.__doc__ and "python -m tmdiff" in module.__doc__, "docstring gives the launch command"
-  validate_lib.validate(module.get_config(), num_devices=1)
 
 
 @pytest.mark.parametrize("key, value, devices, match", [

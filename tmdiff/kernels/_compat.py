@@ -34,7 +34,10 @@ SQ = getattr(pl, "squeezed", None) if pl is not None else None
 
 
 def platform() -> str:
-  return jax.default_backend()
+  """The platform being compiled for: that of the mesh set with `jax.set_mesh` (e.g. abstract TPU
+  devices in an ahead-of-time compile on a CPU host), else the default backend."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return getattr(device, "platform", None) or jax.default_backend()
 
 
 def triton_params(num_warps: int, num_stages: int):

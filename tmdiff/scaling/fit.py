@@ -236,6 +236,12 @@ def _fit_lse(feats, loss, delta=1e-3, n_random=32, n_polish=8, seed=0, init=None
 
 # ----------------------------------------------------------------------------- laws
 
+def _exp(log_value: float) -> float:
+  """exp kept inside (0, inf): a term the data cannot identify may drift to huge or tiny
+  log-coefficients and must still give a finite, positive law."""
+  return math.exp(min(max(float(log_value), -700.0), 700.0))
+
+
 @dataclasses.dataclass(frozen=True)
 class LawND:
   """L(N, D) = E + A / N^alpha + B / D^beta."""
@@ -250,6 +256,11 @@ class LawND:
     return self.E + self.A / n ** self.alpha + self.B / d ** self.beta
 
   # Compute-optimal allocation for C = k N D.
+  @property
+  def has_frontier(self) -> bool:
+    """Loss falls with both N and D, so a compute-optimal split exists."""
+    return self.alpha > 0 and self.beta > 0
+
   @property
   def G(self) -> float:
     return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
@@ -295,8 +306,7 @@ class LawND:
 
   @classmethod
   def from_theta(cls, t):
-    return cls(E=math.exp(t[4]), A=math.exp(t[0]), alpha=float(t[1]), B=math.exp(t[2]),
-               beta=float(t[3]))
+    return cls(E=_exp(t[4]), A=_exp(t[0]), alpha=float(t[1]), B=_exp(t[2]), beta=float(t[3]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +327,7 @@ class LawC:
 
   @classmethod
   def from_theta(cls, t):
-    return cls(E=math.exp(t[2]), A=math.exp(t[0]), gamma=float(t[1]))
+    return cls(E=_exp(t[2]), A=_exp(t[0]), gamma=float(t[1]))
 
 
 def fit_nd(params, tokens, loss, delta=1e-3, seed=0, init: LawND | None = None,
@@ -477,7 +487,8 @@ def fit_modality(runs: Runs, n_boot=100, level=0.95, delta=1e-3, k=6.0, seed=0,
     compute_grid = np.logspace(np.log10(runs.flops.min()), np.log10(runs.flops.max()) + 2, 7)
   q = 100 * (1 - level) / 2
   frontier = []
-  for c in compute_grid:
+  laws = [l for l in laws if l.has_frontier]
+  for c in (compute_grid if law.has_frontier else ()):
     boot_n = np.array([l.n_opt(c, k) for l in laws])
     row = {"flops": float(c), "n_opt": float(law.n_opt(c, k)), "d_opt": float(law.d_opt(c, k)),
            "tokens_per_param": float(law.tokens_per_param(c, k)),
@@ -485,9 +496,13 @@ def fit_modality(runs: Runs, n_boot=100, level=0.95, delta=1e-3, k=6.0, seed=0,
     if len(boot_n):
       row["n_opt_ci"] = [float(x) for x in np.percentile(boot_n, [q, 100 - q])]
     frontier.append(row)
-  out["frontier"] = {"k": k, "a": law.a, "b": law.b, "gamma": law.gamma,
-                     "d_of_n": {"coef": law.G ** (-1.0 / law.a), "exp": law.alpha / law.beta},
-                     "points": frontier}
+  if law.has_frontier:
+    out["frontier"] = {"k": k, "a": law.a, "b": law.b, "gamma": law.gamma,
+                       "d_of_n": {"coef": law.G ** (-1.0 / law.a), "exp": law.alpha / law.beta},
+                       "points": frontier}
+  else:
+    out["frontier"] = {"error": f"no compute-optimal frontier: fitted alpha={law.alpha:.3g}, "
+                                f"beta={law.beta:.3g} (both must be > 0)"}
   iso = isoflop_frontier(runs)
   if iso is not None:
     out["isoflop"] = iso
@@ -522,8 +537,9 @@ def main(argv=None):
     ci = r["ci_nd"]
     print(f"[{m}] L = {law['E']:.4g} + {law['A']:.4g}/N^{law['alpha']:.3f} + "
           f"{law['B']:.4g}/D^{law['beta']:.3f}  (alpha {ci['alpha']['low']:.3f}..{ci['alpha']['high']:.3f}, "
-          f"beta {ci['beta']['low']:.3f}..{ci['beta']['high']:.3f})  "
-          f"D*(N) = {r['frontier']['d_of_n']['coef']:.4g} N^{r['frontier']['d_of_n']['exp']:.3f}")
+          f"beta {ci['beta']['low']:.3f}..{ci['beta']['high']:.3f})  " +
+          (f"D*(N) = {r['frontier']['d_of_n']['coef']:.4g} N^{r['frontier']['d_of_n']['exp']:.3f}"
+           if "d_of_n" in r["frontier"] else r["frontier"]["error"]))
     if "extrapolation" in r and "mean_abs_rel_error" in r["extrapolation"]:
       print(f"[{m}] extrapolation to N={r['extrapolation']['n_test']:.3g}: mean |rel err| "
             f"{r['extrapolation']['mean_abs_rel_error']:.4f}")

@@ -131,10 +131,11 @@ def plot_all(runs: fit_lib.Runs, report: dict, out_dir: str, k: float = 6.0) -> 
   for m, r in report.items():
     sub = runs.for_modality(m)
     law = fit_lib.LawND(**r["law_nd"])
+    optimal = law if law.has_frontier else None  # no N*(C) without positive exponents
     paths.append(plot_loss_curves(sub, os.path.join(out_dir, f"loss_curves_{m}.png"), law,
                                   title=f"{m}: loss vs tokens"))
-    paths.append(plot_isoflop(sub, os.path.join(out_dir, f"isoflop_{m}.png"), law, k=k,
+    paths.append(plot_isoflop(sub, os.path.join(out_dir, f"isoflop_{m}.png"), optimal, k=k,
                               title=f"{m}: iso-FLOP profiles"))
-    paths.append(plot_frontier(sub, os.path.join(out_dir, f"frontier_{m}.png"), law,
+    paths.append(plot_frontier(sub, os.path.join(out_dir, f"frontier_{m}.png"), optimal,
                                r.get("law_c"), k=k, isoflop=r.get("isoflop"), title=m))
   return paths

@@ -1,0 +1,32 @@
+"""Ablation: modality mixing ratio (sampling weight of the text / image-text / audio-text sources).
+
+  python -m tmdiff.train --config=experiments/ablations/mixing.py:text_heavy,size=s,data=runs/data \\
+      --workdir=runs/ablations/mixing_text_heavy
+  python -m tmdiff.scaling.sweep --sweep=experiments/sweeps/ablations.py:mixing,size=s,data=runs/data \\
+      --root=runs/ablations/mixing
+
+Argument: VARIANT[,ladder arguments] (experiments/ladder.py). The weights are per row drawn;
+the realised token fractions (logged as token_fraction/<modality>) differ, since a packed text row
+and a padded pair hold different numbers of supervised tokens. Compare the per-modality eval ELBOs.
+"""
+from experiments.ablations import variant_config
+
+
+def _mix(text: float, image_text: float, audio_text: float) -> dict:
+  return {"data.mixture.text": text, "data.mixture.image_text": image_text,
+          "data.mixture.audio_text": audio_text}
+
+
+VARIANTS = {
+    "balanced": _mix(1, 1, 1),
+    "text_heavy": _mix(2, 1, 1),
+    "text_major": _mix(4, 1, 1),
+    "image_heavy": _mix(1, 2, 1),
+    "audio_heavy": _mix(1, 1, 2),
+    "media_heavy": _mix(1, 2, 2),
+}
+DEFAULT = "balanced"
+
+
+def get_config(arg: str = DEFAULT):
+  return variant_config(arg, VARIANTS, DEFAULT, "experiments/ablations/mixing.py")
