@@ -7,8 +7,9 @@
 
 The model is rebuilt from the config saved with the checkpoint (latest, or --step), restored
 onto all local devices (a data-parallel mesh), and sampled with the per-modality defaults of
-`config.sampling` (base config defaults when the checkpoint predates them); flags override
-them. Tokenizers come from the data directory's manifest (`config.data.data_dir`, or
+`config.sampling` (base config defaults when the checkpoint predates them), updated by
+`<workdir>/sampling_defaults.json` when `python -m tmdiff.eval.sweep` wrote one; flags
+override them. Tokenizers come from the data directory's manifest (`config.data.data_dir`, or
 --data_dir). The same --seed gives the same output. Layouts follow the training pipeline:
   text    <bos> prompt <mask>...                       (--length tokens in all)
   t2i     <bos> caption <boi> <mask> x image_tokens <eoi> <eos>
@@ -78,6 +79,31 @@ def config_from_saved(saved: dict):
         target[key] = value
   merge(config, saved, "")
   return config
+
+
+SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
+
+
+def apply_sampling_defaults(config, workdir: str) -> dict:
+  """Applies `workdir/sampling_defaults.json` ({modality: {setting: value}}, written by
+  `python -m tmdiff.eval.sweep`) to config.sampling; returns what it applied ({} if absent)."""
+  from tmdiff.diffusion import sampling
+  path = os.path.join(workdir, SAMPLING_DEFAULTS_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    tuned = json.load(f)
+  for modality, values in tuned.items():
+    if modality not in config.sampling or not isinstance(values, dict):
+      raise SampleError(f"{path}: {modality!r} is not a sampling modality "
+                        f"{tuple(config.sampling)}")
+    for key, value in values.items():
+      if key not in sampling.FIELDS:
+        raise SampleError(f"{path}: {modality}.{key} is not a sampler setting {sampling.FIELDS}")
+      config.sampling[modality][key] = tuple(value) if isinstance(value, list) else value
+    sampling.settings_from_config(config.sampling, modality)  # validates the result
+  logging.info("sampling defaults from %s: %s", path, tuned)
+  return tuned
 
 
 def resolve_data_dir(config, workdir: str, override: str | None = None) -> str:
@@ -260,6 +286,7 @@ def run(workdir: str, task: str, prompt_text: str, out: str, *, num: int = 1, se
     raise checkpoint.CheckpointError(f"no checkpoint directory {checkpoint.checkpoint_dir(workdir)}"
                                      f" (is --workdir={workdir!r} a training run?)")
   config = config_from_saved(checkpoint.read_config(workdir, step))
+  apply_sampling_defaults(config, workdir)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
   layout = vocab_lib.VocabLayout.from_config(config.vocab)
   data_dir = resolve_data_dir(config, workdir, data_dir)

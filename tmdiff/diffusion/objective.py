@@ -81,8 +81,9 @@ def _per_modality(values_by_modality, modality):
   return out
 
 
-def corrupt(batch, rng, obj: Objective, max_segments: int) -> Corruption:
-  """Masks the batch for one training step. All randomness comes from `rng`."""
+def corrupt(batch, rng, obj: Objective, max_segments: int, time_uniforms=None) -> Corruption:
+  """Masks the batch for one training step. All randomness comes from `rng`, except the
+  times when `time_uniforms` ([groups, max_segments + 1] in [0, 1)) gives them (eval)."""
   tokens, segment_ids, modality = batch["tokens"], batch["segment_ids"], batch["modality"]
   loss_mask = batch["loss_mask"].astype(bool)
   cond = batch["cond_mask"].astype(bool)
@@ -93,7 +94,11 @@ def corrupt(batch, rng, obj: Objective, max_segments: int) -> Corruption:
   def per_row(x):  # one draw per example (pair) -> one per row
     return jnp.repeat(x, 2, axis=0) if obj.anti_masking else x
 
-  t_slots = per_row(sample_times(t_rng, groups, max_segments + 1, obj))
+  if time_uniforms is None:
+    t_groups = sample_times(t_rng, groups, max_segments + 1, obj)
+  else:
+    t_groups = obj.t_min + (obj.t_max - obj.t_min) * jnp.asarray(time_uniforms, jnp.float32)
+  t_slots = per_row(t_groups)
   t = jnp.take_along_axis(t_slots, segment_ids, axis=1)
   r = per_row(jax.random.uniform(r_rng, (groups, length)))
   flag = per_row(jax.random.uniform(flag_rng, (groups, 1)))

@@ -13,7 +13,7 @@ from tmdiff.configs import validate as validate_lib
 from tmdiff.configs.derived import derive
 from tmdiff.data import batch as batch_lib
 from tmdiff.data import pipeline as pipeline_lib
-from tmdiff.diffusion import objective as obj_lib
+from tmdiff.eval import elbo as elbo_lib
 from tmdiff.train import checkpoint as ckpt_lib
 from tmdiff.train import distributed as dist_lib
 from tmdiff.train import flops as flops_lib
@@ -70,21 +70,12 @@ def make_iterator(config, split: str, rows: int, data_shards: int | None = None)
           shard_config, split, process_index=index, process_count=count)), data_shards)
 
 
-def evaluate(trainer: Trainer, eval_step, params, config, data_shards: int | None = None) -> dict:
-  """Per-modality negative ELBO on the validation split, with fixed per-batch seeds."""
-  rows = config.data.global_batch
-  it = make_iterator(config, "validation", rows, data_shards)
-  sums = None
-  for index in range(config.data.eval_batches):
-    try:
-      batch = next(it)
-    except StopIteration:
-      break
-    out = eval_step(params, trainer.put_batch(batch), np.int32(index))
-    sums = out if sums is None else jax.tree.map(np.add, sums, out)
-  if sums is None:
-    raise RuntimeError("the validation split yielded no batch")
-  return {k: float(v) for k, v in obj_lib.summarize(jax.device_get(sums)).items()}
+def evaluate(trainer: Trainer, eval_step, params, config) -> dict:
+  """Per-modality negative ELBO on the first data.eval_batches x data.global_batch validation
+  rows; invariant to the eval batch and the mesh (tmdiff.eval.elbo)."""
+  rows = elbo_lib.validation_rows(config, elbo_lib.default_num_rows(config))
+  return elbo_lib.evaluate_rows(trainer, params, rows, batch_size=config.data.global_batch,
+                                eval_step=eval_step)
 
 
 def train(config, workdir: str, *, stop_after: int | None = None, devices=None,
@@ -160,7 +151,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None,
       # Every process's iterator state, gathered: Orbax writes JSON items from process 0 only.
       ckpt_lib.save(manager, step, state, dist_lib.gather_data_state(it.get_state()), config)
     if (config.train.eval_every and step % config.train.eval_every == 0) or step == hp.steps:
-      eval_metrics = evaluate(trainer, eval_step, state["params"], config, data_shards)
+      eval_metrics = evaluate(trainer, eval_step, state["params"], config)
       writer.write(step, eval_metrics, prefix="eval")
       logging.info("eval step %d: %s", step, _format_eval(eval_metrics))
   ckpt_lib.wait(manager)

@@ -24,12 +24,12 @@ from tmdiff.configs.derived import Hyperparams, derive
 from tmdiff.data import batch as batch_lib
 from tmdiff.data import vocab as vocab_lib
 from tmdiff.diffusion import objective as obj_lib
+from tmdiff.eval import elbo as elbo_lib
 from tmdiff.kernels import cross_entropy
 from tmdiff.model.transformer import Transformer
 from tmdiff.train import optimizer as optimizer_lib
 
 P = jax.sharding.PartitionSpec
-EVAL_SEED_SALT = 0x5EED
 
 
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:
@@ -55,6 +55,7 @@ class Trainer:
     self.hp: Hyperparams = derive(c)
     self.rules = sharding_lib.rules_for(c.mesh.rules)
     self.objective = obj_lib.Objective.from_config(c.diffusion, self.layout)
+    # Eval times come from tmdiff.eval.elbo.time_uniforms (stratified over the eval rows).
     self.eval_objective = dataclasses.replace(
         self.objective, anti_masking=False, cond_target_only_prob=0.0, cond_drop_prob=0.0)
     self.logit_bias = obj_lib.modality_logit_bias(self.layout)
@@ -66,6 +67,11 @@ class Trainer:
     abstract_model = nnx.eval_shape(
         lambda: Transformer(c.model, self.layout, rngs=nnx.Rngs(0)))
     self.graphdef, abstract_vars = nnx.split(abstract_model)
+    # The eval step computes in elbo_lib.EVAL_DTYPE (same parameters, another graph).
+    eval_model_cfg = c.model.copy_and_resolve_references()
+    eval_model_cfg.dtype = elbo_lib.EVAL_DTYPE
+    self.eval_graphdef = nnx.split(nnx.eval_shape(
+        lambda: Transformer(eval_model_cfg, self.layout, rngs=nnx.Rngs(0))))[0]
     self.param_classes = nnx.to_pure_dict(jax.tree.map(
         lambda v: v.get_metadata()["param_class"], abstract_vars,
         is_leaf=sharding_lib.is_variable))
@@ -73,6 +79,7 @@ class Trainer:
     self.tx = optimizer_lib.make_optimizer(c, self.hp, self.param_classes)
     self.lr_multiplier = optimizer_lib.lr_multiplier(c.optim, self.hp)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
+    self.row_id_sharding = jax.sharding.NamedSharding(self.mesh, P(sharding_lib.BATCH_AXES))
     self.replicated = jax.sharding.NamedSharding(self.mesh, P())
 
     abstract_params = nnx.to_pure_dict(abstract_vars)
@@ -97,7 +104,9 @@ class Trainer:
         lambda path, s: by_path.__setitem__(_dict_path(path), s), self.param_sharding)
 
     def pick(path, leaf):
-      sharding = by_path.get(_dict_path(path))
+      # A state leaf follows the parameter whose path ends its own: params/<p>, opt_state/.../<p>.
+      keys = _dict_path(path)
+      sharding = next((by_path[keys[i:]] for i in range(len(keys)) if keys[i:] in by_path), None)
       if sharding is not None and len(sharding.spec) <= leaf.ndim:
         return sharding
       return self.replicated
@@ -122,8 +131,9 @@ class Trainer:
     return stack
 
   # --- loss ----------------------------------------------------------------------------------
-  def _elbo_sums(self, params, batch, corruption):
-    model = nnx.merge(self.graphdef, params)
+  def _target_logp(self, params, batch, corruption, graphdef=None):
+    """[B, L] log p(clean token | corrupted row) under the modality-restricted softmax."""
+    model = nnx.merge(self.graphdef if graphdef is None else graphdef, params)
     hidden = model(corruption.tokens, batch["positions"], batch["segment_ids"], batch["modality"])
     if self.loss_impl == "fused":  # never materialises [B, L, V] logits
       b, length, d = hidden.shape
@@ -138,7 +148,11 @@ class Trainer:
       logits = model.logits(hidden)
       logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
       logp = obj_lib.target_log_probs(logits, batch["tokens"], batch["modality"], self.logit_bias)
-    return obj_lib.elbo_sums(logp, corruption, batch["modality"])
+    return logp
+
+  def _elbo_sums(self, params, batch, corruption):
+    return obj_lib.elbo_sums(self._target_logp(params, batch, corruption), corruption,
+                             batch["modality"])
 
   def _prepare(self, batch):
     batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
@@ -189,12 +203,16 @@ class Trainer:
     metrics["masked_fraction"] = sums["masked"].sum() / total_tokens
     return new_state, metrics
 
-  def _eval_sums(self, params, batch, batch_index):
+  def _eval_row_sums(self, params, batch, row_ids, time_uniforms):
+    """Per-row sums {nll, tokens, masked} [B, 3]; row i's masks from its global index, its
+    times from time_uniforms[i] (tmdiff.eval.elbo)."""
     batch = jax.lax.with_sharding_constraint(
         {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}, self.batch_sharding)
-    rng = jax.random.fold_in(jax.random.key(self.config.seed ^ EVAL_SEED_SALT), batch_index)
-    corruption = obj_lib.corrupt(batch, rng, self.eval_objective, self.config.data.max_segments)
-    return self._elbo_sums(params, batch, corruption)
+    corruption = elbo_lib.corrupt_rows(batch, row_ids, time_uniforms,
+                                       elbo_lib.eval_key(self.config.seed),
+                                       self.eval_objective, self.config.data.max_segments)
+    logp = self._target_logp(params, batch, corruption, self.eval_graphdef)
+    return elbo_lib.row_elbo_sums(logp, corruption, batch["modality"])
 
   # --- compiled entry points ---------------------------------------------------------------
   def abstract_batch(self, rows: int):
@@ -213,13 +231,19 @@ class Trainer:
     return compiled
 
   def compile_eval_step(self, rows: int):
-    jitted = jax.jit(self._eval_sums,
+    """(params, batch of `rows` rows, row_ids [rows] int32, time uniforms [rows, max_segments
+    + 1] float32) -> per-row sums (tmdiff.eval.elbo)."""
+    jitted = jax.jit(self._eval_row_sums,
                      in_shardings=(self.state_sharding["params"], self.batch_sharding,
-                                   self.replicated),
+                                   self.row_id_sharding, self.batch_sharding),
                      out_shardings=self.replicated)
+    slots = self.config.data.max_segments + 1
     with self._context():
-      return jitted.lower(self.abstract_state["params"], self.abstract_batch(rows),
-                          jax.ShapeDtypeStruct((), jnp.int32)).compile()
+      return jitted.lower(
+          self.abstract_state["params"], self.abstract_batch(rows),
+          jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=self.row_id_sharding),
+          jax.ShapeDtypeStruct((rows, slots), jnp.float32, sharding=self.batch_sharding)
+      ).compile()
 
   def put_batch(self, batch):
     """Host numpy batch (this process's rows) -> global array sharded over the batch axes."""

@@ -1,0 +1,300 @@
+"""tmdiff.eval: batch- and device-invariant ELBO, judges against independent baselines, WER,
+the eval and sweep CLIs end to end on a tiny prepared dataset."""
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from tmdiff.configs.base import get_base_config
+from tmdiff.data import sources
+from tmdiff.data import vocab as vocab_lib
+from tmdiff.diffusion import objective as obj_lib
+from tmdiff.eval import elbo
+from tmdiff.model.transformer import Transformer
+from tmdiff.train.trainer import Trainer, make_mesh
+
+
+def tiny_config():
+  c = get_base_config()
+  c.model.d_model, c.model.n_layers, c.model.d_ff, c.model.base_width = 32, 1, 64, 32
+  c.model.n_heads, c.model.n_kv_heads, c.model.head_dim = 2, 2, 16
+  c.model.dtype = "float32"
+  c.vocab.text_size, c.vocab.image_size, c.vocab.audio_size = 64, 32, 32
+  c.data.seq_len, c.data.global_batch, c.data.eval_batches = 32, 8, 2
+  return c
+
+
+# --- ELBO ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def elbo_setup():
+  c = tiny_config()
+  layout = vocab_lib.VocabLayout.from_config(c.vocab)
+  host_params = nnx.to_pure_dict(nnx.state(Transformer(c.model, layout, rngs=nnx.Rngs(0))))
+  rows = elbo.validation_rows(c, 12)
+  return c, host_params, rows
+
+
+@pytest.fixture(scope="module")
+def per_row_runs(elbo_setup):
+  """Per-row sums keyed by (devices, eval batch)."""
+  c, host_params, rows = elbo_setup
+  out = {}
+  for n_devices, batch_size in ((1, 1), (1, 4), (1, 16), (8, 4)):
+    trainer = Trainer(c, make_mesh(c, jax.devices()[:n_devices]))
+    params = jax.device_put(host_params, trainer.state_sharding["params"])
+    out[(n_devices, batch_size)] = elbo.per_row_sums(trainer, params, rows, batch_size=batch_size)
+  return out
+
+
+def test_validation_rows_do_not_depend_on_how_many_are_read(elbo_setup):
+  c, _, rows = elbo_setup
+  fewer = elbo.validation_rows(c, 5)
+  for k in rows:
+    np.testing.assert_array_equal(fewer[k], rows[k][:5])
+
+
+def test_elbo_is_the_same_for_batch_1_4_16_and_on_1_or_8_devices(elbo_setup, per_row_runs):
+  _, _, rows = elbo_setup
+  ref = per_row_runs[(1, 1)]
+  runs = {k: v for k, v in per_row_runs.items() if k != (1, 1)}
+  ref_summary = elbo.summarize_rows(ref)
+  for key, sums in runs.items():
+    np.testing.assert_array_equal(sums["tokens"], ref["tokens"])
+    np.testing.assert_array_equal(sums["masked"], ref["masked"])  # same masks per row
+    # Float32 matmuls of other shapes round differently: ~2e-7 relative has been seen.
+    np.testing.assert_allclose(sums["nll"], ref["nll"], rtol=1e-6, atol=1e-6, err_msg=str(key))
+    summary = elbo.summarize_rows(sums)
+    for name, value in summary.items():
+      assert value == pytest.approx(ref_summary[name], rel=1e-6), (key, name)
+  assert ref["tokens"].sum() == rows["loss_mask"].sum()
+
+
+def test_per_row_elbo_equals_the_objective_on_each_row_alone(elbo_setup, per_row_runs):
+  """Second code path: objective.corrupt on a one-row batch, logits, numpy log-softmax."""
+  c, host_params, rows = elbo_setup
+  sums = per_row_runs[(1, 4)]
+  trainer = Trainer(c, make_mesh(c, jax.devices()[:1]))
+  model = nnx.merge(trainer.eval_graphdef, host_params)
+  bias = obj_lib.modality_logit_bias(trainer.layout)
+  key = elbo.eval_key(c.seed)
+  times = elbo.time_uniforms(c.seed, len(rows["tokens"]), c.data.max_segments)
+  # Stratified: each slot's uniforms put exactly one row in each of the N strata.
+  np.testing.assert_array_equal(np.sort(np.floor(times * len(times)), 0),
+                                np.tile(np.arange(len(times))[:, None], (1, times.shape[1])))
+  for r in range(len(rows["tokens"])):
+    row = {k: v[r:r + 1] for k, v in rows.items()}
+    corruption = obj_lib.corrupt(row, jax.random.fold_in(key, r), trainer.eval_objective,
+                                 c.data.max_segments, time_uniforms=times[r:r + 1])
+    logits = np.asarray(model.logits(model(corruption.tokens, row["positions"],
+                                           row["segment_ids"], row["modality"])), np.float64)
+    logits = logits + bias[row["modality"]]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    target = np.take_along_axis(logp, row["tokens"][..., None], -1)[..., 0]
+    supervised = np.asarray(corruption.supervised)
+    nll = -np.where(supervised, target, 0.0) * np.where(supervised, corruption.weight, 0.0)
+    expected = [nll[row["modality"] == m].sum() for m in range(3)]
+    np.testing.assert_allclose(sums["nll"][r], expected, rtol=2e-5, atol=1e-5)
+    assert sums["masked"][r].sum() == np.asarray(corruption.supervised).sum()
+
+
+# --- WER and text metrics --------------------------------------------------------------------
+def test_word_error_rate_against_hand_counted_edits():
+  from tmdiff.eval import speech_judge as sj
+  assert sj.edit_distance("kitten", "sitting") == 3
+  assert sj.edit_distance([], ["a", "b"]) == 2
+  # ref 4 words: 1 substitution (cat->hat); ref 3 words: 1 deletion + 1 insertion.
+  out = sj.word_error_rate(["The cat sat down.", "to be or"], ["the hat sat down", "to or not"])
+  assert (out["errors"], out["words"]) == (1 + 2, 7)
+  assert out["wer"] == pytest.approx(3 / 7)
+  assert sj.word_error_rate(["What's this?"], ["what's this"])["wer"] == 0.0
+  assert sj.ctc_greedy(np.array([0, 9, 9, 0, 10, 0, 0, 1, 10, 10])) == "hi i"
+  lexicon = sj.Lexicon({"thou": 10, "though": 3, "art": 5})
+  assert lexicon.correct_text("thoo art xyzzyq") == "thou art xyzzyq"
+
+
+def test_unigram_entropy_closed_form():
+  from tmdiff.eval import text_judge
+  assert text_judge.unigram_entropy_bits(np.array([1, 2, 3, 4])) == pytest.approx(2.0)
+  assert text_judge.unigram_entropy_bits(np.array([7] * 9)) == pytest.approx(0.0)
+  assert text_judge.unigram_entropy_bits(np.array([1, 1, 2, 2, 2, 2])) == pytest.approx(
+      -(1 / 3) * math.log2(1 / 3) - (2 / 3) * math.log2(2 / 3))
+
+
+def test_caption_parsing_round_trips_the_generator():
+  from tmdiff.eval import image_judge
+  rng = np.random.default_rng(3)
+  for _ in range(20):
+    _, caption, attributes = sources.draw_image(rng)
+    parsed = image_judge.parse_caption(caption)
+    want = [{k: o[k] for k in ("size", "colour", "shape", "position")}
+            for o in attributes["objects"]]
+    assert parsed == want
+  with pytest.raises(image_judge.judges_lib.JudgeError, match="names no object"):
+    image_judge.parse_caption("a photo of nothing")
+
+
+# --- the tiny prepared dataset, checkpoint and judges ----------------------------------------
+JUDGE_SETTINGS = {
+    "text": dict(d_model=32, n_layers=1, context=32, steps=150, batch_size=32),
+    "image": dict(images=1000, held_out=300, steps=200, channels=16, batch_size=64,
+                  reconstructed_fraction=0.2),
+    "speech": dict(clean_utterances=4, held_out=2, steps=4, channels=32, n_layers=1,
+                   batch_size=4),
+}
+
+
+@pytest.fixture(scope="module")
+def prepared_run(tmp_path_factory):
+  """A tiny prepared dataset (a trained SentencePiece, untrained image and audio FSQ
+  tokenizers: real encode / decode, no training compile) and a checkpoint of a freshly
+  initialised tiny model on it (saved directly: no train-step compile)."""
+  from tmdiff.data import prepare
+  from tmdiff.data.tokenizers import audio, image, text
+  from tmdiff.train import checkpoint
+  root = tmp_path_factory.mktemp("evalrun")
+  data, toks = str(root / "data"), root / "tokenizers"
+  docs = [d["text"] for d in sources.text_documents("train")[:60]]
+  text.train_text_tokenizer(docs, vocab_size=400).save(str(toks / "text"))
+  for name, tok in (("image", image.ImageTokenizer(image.ImageTokenizerConfig(image_size=16))),
+                    ("audio", audio.AudioTokenizer(audio.AudioTokenizerConfig()))):
+    os.makedirs(toks / name)
+    tok.save(str(toks / name))
+  srcs = "text,image_text,audio_text" if sources.espeak_available() else "text,image_text"
+  prepare.prepare(prepare.parse_args([
+      f"--out={data}", f"--tokenizers={toks}", f"--sources={srcs}", "--num_images=60",
+      "--num_val_images=8", "--num_utterances=12", "--num_val_utterances=4", "--image_size=16",
+      "--max_text_docs=60", "--max_seconds=2.0", "--max_pair_tokens=128"]))
+  manifest = json.load(open(os.path.join(data, "manifest.json")))
+  c = tiny_config()
+  for k in ("text_size", "image_size", "audio_size"):
+    c.vocab[k] = int(manifest["vocab"].get(k, c.vocab[k]))
+  c.data.source, c.data.data_dir, c.data.seq_len = "prepared", data, 128
+  if "audio_text" not in srcs:
+    c.data.mixture.audio_text = 0.0
+  trainer = Trainer(c, make_mesh(c, jax.devices()[:1]))
+  params = nnx.to_pure_dict(nnx.state(Transformer(c.model, trainer.layout, rngs=nnx.Rngs(0))))
+  workdir = str(root / "run")
+  manager = checkpoint.make_manager(workdir, async_save=False)
+  checkpoint.save(manager, 1, trainer._init_state_unsharded(params), None, c)
+  checkpoint.wait(manager)
+  manager.close()
+  return data, workdir
+
+
+def test_text_judge_beats_a_numpy_unigram_model(prepared_run):
+  from tmdiff.eval import judges
+  data, _ = prepared_run
+  judge = judges.load_or_train("text", data, **JUDGE_SETTINGS["text"])
+  train = [a["text"] for a, _ in judges.read_records(data, "text", "train")]
+  val = [a["text"] for a, _ in judges.read_records(data, "text", "validation")]
+  vocab = judge.vocab + 2
+  counts = np.bincount(np.concatenate(train), minlength=vocab) + 1.0
+  unigram = float(np.exp(-np.log(counts / counts.sum())[np.concatenate(val)].mean()))
+  ppl = judge.perplexity(val)
+  assert ppl < 0.9 * unigram, (ppl, unigram)
+  # judge.nll against the model's logits and a numpy log-softmax on one window.
+  seq = val[0][:judge.context - 1]
+  ids = np.concatenate([[judge.vocab], seq])[None].astype(np.int32)
+  logits = np.asarray(judge.model(ids[:, :-1]), np.float64)[0]
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  expected = -logp[np.arange(len(seq)), seq].sum()
+  total, count = judge.nll([seq])
+  assert count == len(seq) and total == pytest.approx(expected, rel=1e-4)
+  # Cached: a second call loads the same judge.
+  again = judges.load_or_train("text", data, **JUDGE_SETTINGS["text"])
+  assert again.perplexity(val) == pytest.approx(ppl, rel=1e-5)
+
+
+def test_image_judge_beats_closed_form_chance_on_fresh_images(prepared_run):
+  from scipy import stats
+
+  from tmdiff.eval import image_judge, judges
+  data, _ = prepared_run
+  judge = judges.load_or_train("image", data, **JUDGE_SETTINGS["image"])
+  images, objects = image_judge.fresh_images(0xABC, 300, 5, judge.image_size)
+  labels = np.stack([image_judge.labels_of(o) for o in objects])
+  predicted = judge.predict(images)
+  occupied = labels[..., 0] == 1
+  n = int(occupied.sum())
+  # Chance: the majority answer per cell (empty: 1 - E[count]/9 = 7/9), uniform shape / colour.
+  for name, column, chance, mask in (("occupancy", 0, 7 / 9, np.ones_like(occupied)),
+                                     ("shape", 1, 1 / 4, occupied),
+                                     ("colour", 2, 1 / 8, occupied)):
+    hits = int((predicted[..., column] == labels[..., column])[mask].sum())
+    trials = int(mask.sum())
+    p_value = stats.binom.sf(hits - 1, trials, chance)
+    assert p_value < 1e-6, (name, hits / trials, chance)
+  assert n > 0
+  sanity = judge.info["sanity"]
+  assert set(sanity) >= {"real", "tokenizer_round_trip", "chance_all"}
+
+
+def test_eval_cli_end_to_end_and_batch_invariance(prepared_run, tmp_path):
+  from tmdiff.eval import judges
+  from tmdiff.eval.__main__ import main, run_eval
+  data, workdir = prepared_run
+  for name in ("text", "image", "speech"):  # tiny judges, cached for the CLI to load
+    if name != "speech" or sources.espeak_available():
+      judges.load_or_train(name, data, **JUDGE_SETTINGS[name])
+  out = tmp_path / "b1"
+  main([f"--workdir={workdir}", "--batch_size=1", "--num_samples=3", "--num_rows=6",
+        f"--out={out}"])
+  one = json.load(open(out / "eval.json"))
+  eight = run_eval(workdir, batch_size=4, num_samples=3, num_rows=6, out=str(tmp_path / "b4"),
+                   parts=("elbo", "text"), devices=jax.devices()[:8], judge_settings=JUDGE_SETTINGS)
+  assert eight["devices"] == 8
+  for k, v in one["metrics"]["elbo"].items():
+    assert v == pytest.approx(eight["metrics"]["elbo"][k], rel=1e-6), k
+  assert one["samples"]["text"]["texts"] == eight["samples"]["text"]["texts"]
+  assert one["metrics"]["text"] == pytest.approx(eight["metrics"]["text"], rel=1e-5)
+  expected_parts = {"elbo", "text", "t2i"} | ({"t2s"} if sources.espeak_available() else set())
+  assert set(one["metrics"]) == expected_parts
+  assert one["metrics"]["elbo"]["bits_per_token/all"] > 0
+  assert len(one["samples"]["t2i"]["captions"]) == 3
+  assert (out / "t2i_grid.png").read_bytes()[:4] == b"\x89PNG"
+  assert "judge_perplexity" in (out / "eval.md").read_text()
+  if "t2s" in expected_parts:
+    assert len(os.listdir(out / "t2s")) == 3
+    assert 0 <= one["metrics"]["t2s"]["wer"]
+  else:
+    assert "t2s" in one["skipped"]
+
+
+def test_sweep_writes_defaults_that_eval_and_sample_apply(prepared_run, tmp_path):
+  from tmdiff import sample as sample_lib
+  from tmdiff.eval import generation, sweep
+  data, workdir = prepared_run
+  report = sweep.sweep(workdir, "image", grid=[{}, {"steps": 4}],
+                       num_samples=3, batch_size=1, out=str(tmp_path),
+                       judge_settings=JUDGE_SETTINGS, devices=jax.devices()[:1])
+  assert len(report["results"]) == 2 and (tmp_path / "sweep_image.md").exists()
+  path = os.path.join(workdir, sample_lib.SAMPLING_DEFAULTS_FILE)
+  tuned = json.load(open(path))
+  assert tuned["image"] == json.loads(json.dumps(report["best_settings"]))
+  try:
+    run = generation.restore(workdir, devices=jax.devices()[:1])
+    assert generation.settings_for(run, "image").steps == report["best_settings"]["steps"]
+    json.dump({"image": {"stepz": 3}}, open(path, "w"))
+    with pytest.raises(sample_lib.SampleError, match="stepz"):
+      generation.restore(workdir, devices=jax.devices()[:1])
+  finally:
+    os.remove(path)
+
+
+def test_eval_errors_name_the_problem(tmp_path, prepared_run):
+  from tmdiff.eval.__main__ import run_eval
+  from tmdiff.eval.generation import EvalError
+  from tmdiff.train.checkpoint import CheckpointError
+  with pytest.raises(CheckpointError, match="no checkpoint directory"):
+    run_eval(str(tmp_path / "nothing"))
+  _, workdir = prepared_run
+  with pytest.raises(EvalError, match="unknown --parts"):
+    run_eval(workdir, parts=("elbo", "fid"))
+  with pytest.raises(EvalError, match="prepared data"):
+    run_eval(workdir, data_dir=str(tmp_path / "missing"), parts=("elbo",))

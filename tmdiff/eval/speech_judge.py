@@ -1,0 +1,350 @@
+"""Speech judge: a CTC character recogniser (Flax NNX) on log-mel frames, plus a lexicon.
+
+Input: the audio tokenizer's log-mel frames ([T, n_mels], 62.5 frames/s by default),
+normalised per utterance and band. Model: two 1-D convolutions (the first halves the frame
+rate), a small bidirectional transformer, and per-step logits over blank + 28 characters
+(space, a-z, apostrophe); greedy CTC decoding. Each decoded word that is not in the lexicon
+(words of the prepared text train split) is replaced by the nearest lexicon word by edit
+distance when that is within a third of its length (ties: the more frequent word).
+
+Training data (train split only): the prepared audio records, their tokens decoded back to
+log-mel by the audio tokenizer (the domain generated audio comes from), and fresh espeak-ng
+utterances of train-split sentences the prepared data did not use (clean speech), with
+random band and time masking. Sanity figures: WER on held-out validation utterances, clean,
+through the tokenizer to log-mel, and through the tokenizer to a waveform (Griffin-Lim).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tmdiff.eval import judges as judges_lib
+
+NAME = "speech"
+ALPHABET = " abcdefghijklmnopqrstuvwxyz'"   # id = index + 1; 0 = CTC blank
+BLANK = 0
+LEXICON_FILE = "lexicon.json"
+FRAME_BUCKET = 64  # frames are padded to a multiple of this (fewer compiled shapes)
+DEFAULTS = dict(clean_utterances=400, held_out=60, steps=2500, batch_size=16,
+                learning_rate=2e-3, channels=128, n_layers=2, n_heads=4, max_seconds=3.0,
+                sentence_offset=2000, seed=0)
+
+
+def settings_dict(**overrides) -> dict:
+  unknown = set(overrides) - set(DEFAULTS)
+  if unknown:
+    raise judges_lib.JudgeError(f"unknown speech judge settings {sorted(unknown)}; "
+                                f"known {sorted(DEFAULTS)}")
+  return {**DEFAULTS, **overrides}
+
+
+# --- text ------------------------------------------------------------------------------------
+def normalize_words(text: str) -> list[str]:
+  """Lower-case words of letters and apostrophes (punctuation and digits dropped)."""
+  return [w for w in re.sub(r"[^a-z' ]", " ", text.lower()).split() if w.strip("'")]
+
+
+def edit_distance(a, b) -> int:
+  """Levenshtein distance between two sequences (substitution, insertion, deletion cost 1)."""
+  row = list(range(len(b) + 1))
+  for i, x in enumerate(a, 1):
+    previous, row[0] = row[0], i
+    for j, y in enumerate(b, 1):
+      previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != y))
+  return row[-1]
+
+
+def word_error_rate(references: list[str], hypotheses: list[str]) -> dict:
+  """Corpus WER: total word edit distance / total reference words (normalised words)."""
+  if len(references) != len(hypotheses):
+    raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+  errors = words = 0
+  for ref, hyp in zip(references, hypotheses):
+    r = normalize_words(ref)
+    errors += edit_distance(r, normalize_words(hyp))
+    words += len(r)
+  return {"wer": errors / max(words, 1), "errors": errors, "words": words}
+
+
+def encode_chars(text: str) -> np.ndarray:
+  return np.array([ALPHABET.index(ch) + 1 for ch in " ".join(normalize_words(text))], np.int32)
+
+
+def ctc_greedy(ids: np.ndarray) -> str:
+  """Best path: merge repeats, drop blanks."""
+  out, last = [], BLANK
+  for i in ids:
+    if i != last and i != BLANK:
+      out.append(ALPHABET[i - 1])
+    last = i
+  return " ".join("".join(out).split())
+
+
+class Lexicon:
+  """Word list with counts; `correct` snaps a word to its nearest entry (vectorised DP)."""
+
+  def __init__(self, counts: dict[str, int]):
+    self.counts = dict(counts)
+    self.words = sorted(self.counts, key=lambda w: (-self.counts[w], w))
+    self.lengths = np.array([len(w) for w in self.words])
+    width = max(self.lengths, default=1)
+    self.chars = np.full((len(self.words), width), -1, np.int32)
+    for i, w in enumerate(self.words):
+      self.chars[i, :len(w)] = [ord(c) for c in w]
+
+  def correct(self, word: str) -> str:
+    if word in self.counts or not self.words:
+      return word
+    near = np.abs(self.lengths - len(word)) <= max(1, len(word) // 3)
+    if not near.any():
+      return word
+    chars, lengths = self.chars[near], self.lengths[near]
+    n, width = chars.shape
+    # dist[:, j] = edit distance between word[:i] and candidate[:j], all candidates at once.
+    dist = np.tile(np.arange(width + 1), (n, 1))
+    for i, ch in enumerate(word, 1):
+      new = np.empty_like(dist)
+      new[:, 0] = i
+      sub = dist[:, :-1] + (chars != ord(ch))
+      for j in range(1, width + 1):
+        new[:, j] = np.minimum(np.minimum(dist[:, j] + 1, new[:, j - 1] + 1), sub[:, j - 1])
+      dist = new
+    best = dist[np.arange(n), lengths]
+    k = int(np.argmin(best))  # candidates are in frequency order: ties go to the commoner word
+    return self.words[np.flatnonzero(near)[k]] if best[k] <= max(1, len(word) // 3) else word
+
+  def correct_text(self, text: str) -> str:
+    return " ".join(self.correct(w) for w in text.split())
+
+
+# --- features and model ----------------------------------------------------------------------
+def normalize_features(log_mel: np.ndarray) -> np.ndarray:
+  """Per-utterance, per-band mean / std normalisation of log-mel [T, n_mels]."""
+  log_mel = np.asarray(log_mel, np.float32)
+  return (log_mel - log_mel.mean(0)) / (log_mel.std(0) + 1e-3)
+
+
+def _sinusoids(length: int, dim: int) -> jnp.ndarray:
+  position = jnp.arange(length)[:, None]
+  freq = jnp.exp(-math.log(10_000.0) * jnp.arange(0, dim, 2) / dim)[None]
+  return jnp.concatenate([jnp.sin(position * freq), jnp.cos(position * freq)], -1)
+
+
+def _rms_norm(x):
+  return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
+
+
+class EncoderBlock(nnx.Module):
+  def __init__(self, d: int, heads: int, rngs: nnx.Rngs):
+    self.heads = heads
+    self.qkv = nnx.Linear(d, 3 * d, rngs=rngs)
+    self.proj = nnx.Linear(d, d, rngs=rngs)
+    self.up = nnx.Linear(d, 2 * d, rngs=rngs)
+    self.down = nnx.Linear(2 * d, d, rngs=rngs)
+
+  def __call__(self, x, valid):
+    b, t, d = x.shape
+    q, k, v = jnp.split(self.qkv(_rms_norm(x)), 3, -1)
+    split = lambda z: z.reshape(b, t, self.heads, d // self.heads)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / math.sqrt(d // self.heads)
+    scores = jnp.where(valid[:, None, None, :], scores, -1e30)
+    att = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), split(v)).reshape(b, t, d)
+    x = x + self.proj(att)
+    return x + self.down(jax.nn.gelu(self.up(_rms_norm(x))))
+
+
+class CTCRecogniser(nnx.Module):
+  """features [B, T, n_mels], valid [B, T] -> logits [B, T/2, 1 + len(ALPHABET)]."""
+
+  def __init__(self, n_mels: int, channels: int, layers: int, heads: int, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(n_mels, channels, (5,), strides=(2,), rngs=rngs)
+    self.conv2 = nnx.Conv(channels, channels, (5,), rngs=rngs)
+    self.blocks = nnx.List([EncoderBlock(channels, heads, rngs) for _ in range(layers)])
+    self.out = nnx.Linear(channels, 1 + len(ALPHABET), rngs=rngs)
+
+  def __call__(self, features, valid):
+    x = nnx.silu(self.conv1(features))
+    valid = valid[:, ::2]
+    x = nnx.silu(self.conv2(x)) + _sinusoids(x.shape[1], x.shape[2])[None]
+    for block in self.blocks:
+      x = block(x, valid)
+    return self.out(_rms_norm(x)), valid
+
+
+def _ctc_loss(model, features, valid, labels, label_valid):
+  logits, steps_valid = model(features, valid)
+  loss = optax.ctc_loss(logits, 1.0 - steps_valid.astype(jnp.float32), labels,
+                        1.0 - label_valid.astype(jnp.float32), blank_id=BLANK)
+  return (loss / jnp.maximum(label_valid.sum(-1), 1)).mean()
+
+
+@nnx.jit
+def _best_path(model, features, valid):
+  logits, steps_valid = model(features, valid)
+  return jnp.where(steps_valid, jnp.argmax(logits, -1), BLANK)
+
+
+def _pad_batch(features: list[np.ndarray], frames: int | None = None):
+  frames = frames or max(FRAME_BUCKET, -(-max(len(f) for f in features) // FRAME_BUCKET)
+                         * FRAME_BUCKET)
+  n_mels = features[0].shape[1]
+  out = np.zeros((len(features), frames, n_mels), np.float32)
+  valid = np.zeros((len(features), frames), bool)
+  for i, f in enumerate(features):
+    f = f[:frames]
+    out[i, :len(f)] = f
+    valid[i, :len(f)] = True
+  return out, valid
+
+
+@dataclasses.dataclass
+class SpeechJudge:
+  model: CTCRecogniser
+  lexicon: Lexicon
+  info: dict
+
+  def save(self, directory: str) -> None:
+    judges_lib.save_judge(directory, self.model, self.info)
+    with open(os.path.join(directory, LEXICON_FILE), "w") as f:
+      json.dump(self.lexicon.counts, f)
+
+  def transcribe_features(self, log_mels: list[np.ndarray], batch_size: int = 32,
+                          use_lexicon: bool = True) -> list[str]:
+    """Transcripts of log-mel [T, n_mels] arrays (the audio tokenizer's log_mel space)."""
+    out = []
+    for i in range(0, len(log_mels), batch_size):
+      part = [normalize_features(m) for m in log_mels[i:i + batch_size]]
+      part += [part[0]] * (batch_size - len(part))   # one compiled batch size per length
+      feats, valid = _pad_batch(part)
+      best = np.asarray(_best_path(self.model, feats, valid))
+      out += [ctc_greedy(row) for row in best[:min(batch_size, len(log_mels) - i)]]
+    return [self.lexicon.correct_text(t) for t in out] if use_lexicon else out
+
+  def wer(self, log_mels: list[np.ndarray], references: list[str]) -> dict:
+    hyps = self.transcribe_features(log_mels)
+    return {**word_error_rate(references, hyps),
+            "character_error_rate": character_error_rate(references, hyps)}
+
+
+def character_error_rate(references, hypotheses) -> float:
+  errors = sum(edit_distance(" ".join(normalize_words(r)), " ".join(normalize_words(h)))
+               for r, h in zip(references, hypotheses))
+  return errors / max(1, sum(len(" ".join(normalize_words(r))) for r in references))
+
+
+def _lexicon(data_dir: str, text_tokenizer) -> Lexicon:
+  counts = collections.Counter()
+  for arrays, _ in judges_lib.read_records(data_dir, "text", "train"):
+    counts.update(normalize_words(text_tokenizer.decode(arrays["text"])))
+  return Lexicon(counts)
+
+
+def _build(n_mels: int, s: dict) -> CTCRecogniser:
+  from tmdiff.data.tokenizers import _nn
+  return _nn.build(lambda: CTCRecogniser(n_mels, s["channels"], s["n_layers"], s["n_heads"],
+                                         nnx.Rngs(0)), s["seed"])
+
+
+def _spoken(split: str, num: int, seed: int, max_seconds: float, sentences=None) -> list[dict]:
+  from tmdiff.data import sources
+  if not sources.espeak_available():
+    raise judges_lib.JudgeError("the speech judge needs espeak-ng for clean speech "
+                                "(Debian: apt-get install -y espeak-ng)")
+  return list(sources.spoken_sentences(split, num, seed=seed, max_seconds=max_seconds,
+                                       sentences=sentences))
+
+
+def train(data_dir: str, **overrides) -> SpeechJudge:
+  from tmdiff.data import records, sources
+  from tmdiff.data.tokenizers import _nn
+  s = settings_dict(**overrides)
+  manifest = records.Manifest.load(data_dir)
+  toks = judges_lib.load_tokenizers(data_dir, ("text", "audio"))
+  if "audio" not in toks or "text" not in toks:
+    raise judges_lib.JudgeError(f"{data_dir}: the speech judge needs the text and audio "
+                                "tokenizers of the prepared data")
+  audio_tok, data_seed = toks["audio"], int(manifest.extra.get("seed", 0))
+  judges_lib.log(NAME, "decoding the prepared audio train records to log-mel")
+  feats, texts = [], []
+  for arrays, meta in judges_lib.read_records(data_dir, "audio_text", "train"):
+    feats.append(audio_tok.decode_mel(arrays["audio"]))
+    texts.append(meta["transcript"])
+  n_tokenized = len(feats)
+  if s["clean_utterances"]:
+    judges_lib.log(NAME, f"synthesising {s['clean_utterances']} clean train utterances")
+    fresh = sources.speech_sentences(seed=data_seed)[s["sentence_offset"]:]
+    for item in _spoken("train", s["clean_utterances"], data_seed, s["max_seconds"], fresh):
+      feats.append(audio_tok.log_mel(item["audio"]))
+      texts.append(item["transcript"])
+  labels = [encode_chars(t) for t in texts]
+  keep = [i for i, (f, l) in enumerate(zip(feats, labels)) if 0 < len(l) < len(f) // 2 - 1]
+  feats = [normalize_features(feats[i]) for i in keep]
+  labels = [labels[i] for i in keep]
+  frames = max(FRAME_BUCKET, -(-max(len(f) for f in feats) // FRAME_BUCKET) * FRAME_BUCKET)
+  max_label = max(len(l) for l in labels)
+  judges_lib.log(NAME, f"training on {len(feats)} utterances ({n_tokenized} through the "
+                       f"tokenizer), {s['steps']} steps")
+  model = _build(audio_tok.config.n_mels, s)
+
+  def sample_batch(rng):
+    idx = rng.integers(0, len(feats), s["batch_size"])
+    batch = []
+    for i in idx:  # SpecAugment-style masking: one band block and one time block
+      f = feats[i].copy()
+      b0, bw = rng.integers(0, f.shape[1]), rng.integers(0, 10)
+      t0, tw = rng.integers(0, len(f)), rng.integers(0, 8)
+      f[:, b0:b0 + bw] = 0.0
+      f[t0:t0 + tw] = 0.0
+      batch.append(f)
+    x, valid = _pad_batch(batch, frames)
+    lab = np.zeros((len(idx), max_label), np.int32)
+    lab_valid = np.zeros((len(idx), max_label), bool)
+    for row, i in enumerate(idx):
+      lab[row, :len(labels[i])] = labels[i]
+      lab_valid[row, :len(labels[i])] = True
+    return {"features": x, "valid": valid, "labels": lab, "label_valid": lab_valid}
+  _nn.fit(model, lambda m, b: _ctc_loss(m, b["features"], b["valid"], b["labels"],
+                                        b["label_valid"]),
+          sample_batch, s["steps"], s["learning_rate"], s["seed"], "judge speech")
+  judge = SpeechJudge(model, _lexicon(data_dir, toks["text"]),
+                      {"settings": s, "n_mels": int(audio_tok.config.n_mels)})
+  judges_lib.log(NAME, f"held-out check on {s['held_out']} validation utterances")
+  held = _spoken("validation", s["held_out"], data_seed, s["max_seconds"])
+  refs = [h["transcript"] for h in held]
+  clean = [audio_tok.log_mel(h["audio"]) for h in held]
+  via_tokens = [audio_tok.decode_mel(audio_tok.encode(h["audio"])) for h in held]
+  via_wave = [audio_tok.log_mel(audio_tok.decode(audio_tok.encode(h["audio"]))) for h in held]
+  judge.info["sanity"] = {
+      "held_out_utterances": len(held),
+      "clean": _rounded(judge.wer(clean, refs)),
+      "clean_without_lexicon": round(word_error_rate(
+          refs, judge.transcribe_features(clean, use_lexicon=False))["wer"], 4),
+      "tokenizer_log_mel": _rounded(judge.wer(via_tokens, refs)),
+      "tokenizer_waveform": _rounded(judge.wer(via_wave, refs)),
+      "examples": [{"reference": r, "clean": h} for r, h in
+                   zip(refs[:3], judge.transcribe_features(clean[:3]))]}
+  return judge
+
+
+def _rounded(d: dict) -> dict:
+  return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+
+
+def load(directory: str, info: dict) -> SpeechJudge:
+  model = _build(int(info["n_mels"]), info["settings"])
+  judges_lib.load_params_into(model, directory)
+  path = os.path.join(directory, LEXICON_FILE)
+  if not os.path.isfile(path):
+    raise judges_lib.JudgeError(f"speech judge lexicon missing: {path}")
+  with open(path) as f:
+    return SpeechJudge(model, Lexicon(json.load(f)), info)
