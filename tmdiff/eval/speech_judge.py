@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 from tmdiff.eval import judges as judges_lib
+from tmdiff.eval.text_judge import rms_norm
 
 NAME = "speech"
 ALPHABET = " abcdefghijklmnopqrstuvwxyz'"   # id = index + 1; 0 = CTC blank
@@ -140,10 +141,6 @@ def _sinusoids(length: int, dim: int) -> jnp.ndarray:
   return jnp.concatenate([jnp.sin(position * freq), jnp.cos(position * freq)], -1)
 
 
-def _rms_norm(x):
-  return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
-
-
 class EncoderBlock(nnx.Module):
   def __init__(self, d: int, heads: int, rngs: nnx.Rngs):
     self.heads = heads
@@ -154,13 +151,13 @@ class EncoderBlock(nnx.Module):
 
   def __call__(self, x, valid):
     b, t, d = x.shape
-    q, k, v = jnp.split(self.qkv(_rms_norm(x)), 3, -1)
+    q, k, v = jnp.split(self.qkv(rms_norm(x)), 3, -1)
     split = lambda z: z.reshape(b, t, self.heads, d // self.heads)
     scores = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / math.sqrt(d // self.heads)
     scores = jnp.where(valid[:, None, None, :], scores, -1e30)
     att = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), split(v)).reshape(b, t, d)
     x = x + self.proj(att)
-    return x + self.down(jax.nn.gelu(self.up(_rms_norm(x))))
+    return x + self.down(jax.nn.gelu(self.up(rms_norm(x))))
 
 
 class CTCRecogniser(nnx.Module):
@@ -178,7 +175,7 @@ class CTCRecogniser(nnx.Module):
     x = nnx.silu(self.conv2(x)) + _sinusoids(x.shape[1], x.shape[2])[None]
     for block in self.blocks:
       x = block(x, valid)
-    return self.out(_rms_norm(x)), valid
+    return self.out(rms_norm(x)), valid
 
 
 def _ctc_loss(model, features, valid, labels, label_valid):
