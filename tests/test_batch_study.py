@@ -1,0 +1,188 @@
+"""Batch-size study: critical-batch and gamma estimators against closed forms, the analysis on
+synthetic results, and the CLI end to end on three micro runs (resumable, same eval rows)."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from experiments import batch_study as experiment
+from tmdiff.configs.derived import derive
+from tmdiff.scaling import batch_study as bs
+
+GAMMA = 0.44
+D_BASE = 2**19
+KAPPAS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def rising_curve(batches, flat=3.0, knee=32, rise_per_doubling=0.01):
+  """Flat up to `knee`, then up by `rise_per_doubling` (relative) per doubling of B."""
+  b = np.asarray(batches, np.float64)
+  return flat * (1 + rise_per_doubling * np.maximum(0.0, np.log2(b / knee)))
+
+
+def test_critical_batch_on_flat_then_rising_curve():
+  batches = [2, 4, 8, 16, 32, 64, 128, 256]
+  crit = bs.critical_batch(batches, rising_curve(batches), base_batch=16, tol=0.015)
+  assert crit["flat_level"] == pytest.approx(3.0)
+  # rel = 1% at 64, 2% at 128, linear in log B: 1.5% is crossed at 64 * 2^0.5.
+  assert crit["b_crit"] == pytest.approx(64 * math.sqrt(2), rel=1e-9)
+  assert crit["first_above"] == 128 and crit["below"] == [2, 4, 8, 16, 32, 64]
+  # Order of the input does not matter; a curve that never rises far enough gives a bound.
+  shuffled = [64, 2, 256, 16, 8, 128, 4, 32]
+  assert bs.critical_batch(shuffled, rising_curve(shuffled), 16, 0.015)["b_crit"] == \
+      pytest.approx(crit["b_crit"])
+  flat = bs.critical_batch(batches, rising_curve(batches, rise_per_doubling=0.001), 16, 0.015)
+  assert flat["b_crit"] is None and flat["b_crit_lower_bound"] == 256
+  with pytest.raises(ValueError, match="base_batch"):
+    bs.critical_batch([32, 64], [1.0, 1.1], base_batch=16, tol=0.015)
+
+
+def test_spread():
+  assert bs.spread([2.0, 2.02, 1.98]) == pytest.approx(0.04 / 2.0)
+
+
+def optimum_curve(kappas, tokens, gamma=GAMMA, curvature=0.05, floor=3.0):
+  """Loss of a k sweep whose optimum is k*(D) = 1.3 (D_BASE / D)^gamma (a parabola in ln k)."""
+  ln_opt = math.log(1.3) + gamma * math.log(D_BASE / tokens)
+  return floor + curvature * (np.log(np.asarray(kappas)) - ln_opt) ** 2
+
+
+def test_parabola_vertex_and_the_fitted_optimum_are_exact_on_a_parabola():
+  loss = optimum_curve(KAPPAS, D_BASE)
+  fit = bs.fit_optimum(KAPPAS, loss)
+  assert fit["k"] == pytest.approx(1.3, rel=1e-9) and fit["bracketed"]
+  assert fit["loss_at_k"] == pytest.approx(3.0)
+  assert bs.parabola_vertex([0, 1, 2], [1.0, 2.0, 1.0]) is None  # a maximum, not a minimum
+  assert bs.fit_optimum([1.0, 2.0], [1.0, 2.0])["ln_k"] is None
+
+
+def test_gamma_fit_recovers_a_known_gamma():
+  horizons = [D_BASE // 2, D_BASE, 2 * D_BASE]
+  optima = [bs.fit_optimum(KAPPAS, optimum_curve(KAPPAS, d)) for d in horizons]
+  gm = bs.fit_gamma(horizons, [o["ln_k"] for o in optima])
+  assert gm["gamma"] == pytest.approx(GAMMA, abs=1e-9)
+  # With noise: the bootstrap interval holds the truth and the estimate is close.
+  rng = np.random.default_rng(0)
+  sigma = 0.002
+  noisy = [bs.fit_optimum(KAPPAS, optimum_curve(KAPPAS, d) + rng.normal(0, sigma, len(KAPPAS)),
+                          sigma=sigma, n_boot=300, seed=i) for i, d in enumerate(horizons)]
+  gm = bs.fit_gamma(horizons, [o["ln_k"] for o in noisy], [o["boot_ln_k"] for o in noisy])
+  assert gm["gamma_95"][0] <= GAMMA <= gm["gamma_95"][1]
+  assert gm["gamma"] == pytest.approx(GAMMA, abs=3 * gm["gamma_sd"])
+  assert 0 < gm["gamma_sd"] < 0.3
+  assert bs.fit_gamma([D_BASE], [0.0])["gamma"] is None
+
+
+def fake_result(study, batch, tokens, sde, kappa_mult, loss, seed=0, clip=0.0):
+  run = study.run(batch, tokens, sde, kappa_mult, seed, clip)
+  diverged = not math.isfinite(loss)
+  bits = {f"bits_per_token/{m}": loss / math.log(2) for m in ("text", "image", "audio", "all")}
+  return run.name, dict(name=run.name, batch=run.batch, tokens=run.tokens, sde=run.sde,
+                        kappa_mult=run.kappa_mult, seed=run.seed, clip=run.clip,
+                        steps=study.steps(batch, tokens), kappa=1.0, lr=3e-3, beta1=0.9,
+                        beta2=0.95, eps=1e-8, train_loss=loss, wall_s=1.0, diverged=diverged,
+                        eval={} if diverged else {"loss": loss, **bits})
+
+
+def test_analysis_of_a_synthetic_study(tmp_path):
+  """Runs whose losses follow known curves: the report recovers k0, B_crit, spreads, gamma."""
+  study = bs.Study(base_batch=16, base_tokens=D_BASE)
+  results = {}
+
+  def add(*args, **kw):
+    name, r = fake_result(study, *args, **kw)
+    results[name] = r
+  for d in (D_BASE // 2, D_BASE, 2 * D_BASE):
+    for k, loss in zip(KAPPAS, optimum_curve(KAPPAS, d)):
+      add(study.base_batch, d, False, k, float(loss))
+  k0 = 1.0  # the best grid point at D_BASE (optimum 1.3)
+  base_loss = float(optimum_curve([k0], D_BASE)[0])
+  batches = [2, 4, 8, 16, 32, 64, 128]
+  for b, loss in zip(batches, rising_curve(batches, flat=base_loss)):
+    if b != study.base_batch:
+      add(b, D_BASE, True, k0, float(loss))
+      add(b, D_BASE, False, k0, float(loss * (1 + 0.01 * abs(math.log2(b / 16)))))
+  add(study.base_batch, D_BASE, False, k0, base_loss * 1.002, seed=1)
+  add(study.base_batch, D_BASE, False, k0, base_loss * 0.998, seed=2)
+  # A diverged sweep point and a diverged naive run: left out of the fits, above B_crit.
+  add(study.base_batch, D_BASE, False, 16.0, math.inf)
+  add(256, D_BASE, False, k0, math.inf)
+  add(256, D_BASE, True, k0, math.inf)
+  # The smallest-B run again with clipping: reported beside its unclipped twin.
+  add(2, D_BASE, True, k0, base_loss * 1.02, clip=1.0)
+
+  report = bs.analyse(results, study)
+  assert report["k0"] == k0
+  b = report["batch"]
+  assert b["b_crit"] == pytest.approx(64 * math.sqrt(2))
+  assert b["s_crit"] == pytest.approx(D_BASE / (128 * 64 * math.sqrt(2)))
+  assert b["below"] == [2, 4, 8, 16, 32, 64] and b["span"] == 32
+  # Five points at the flat level and one 1% above it.
+  assert b["reparam_spread"] == pytest.approx(0.01 / (1 + 0.01 / 6), rel=1e-9)
+  naive = [base_loss * (1 + 0.01 * abs(math.log2(x / 16))) for x in (2, 4, 8, 16, 32)]
+  naive.append(base_loss * 1.01 * 1.02)
+  assert b["naive_spread"] == pytest.approx(bs.spread(naive))
+  assert report["seed_noise"]["spread"] == pytest.approx(0.004, rel=1e-6)
+  assert report["gamma"]["gamma"] == pytest.approx(GAMMA, abs=1e-6)
+  assert report["gamma"]["horizons"] == [D_BASE // 2, D_BASE, 2 * D_BASE]
+  assert report["clip_control"] == [dict(batch=2, clip=1.0, loss=pytest.approx(base_loss * 1.02),
+                                         unclipped=pytest.approx(base_loss),
+                                         rel_to_flat=pytest.approx(0.02))]
+  text = bs.markdown(results, study, report)
+  assert "B_crit ~ 91" in text and "gamma = **0.44**" in text and "| diverged |" in text
+  paths = bs.plot(results, study, report, str(tmp_path))
+  assert [os.path.basename(p) for p in paths] == ["batch_study.png", "batch_study_gamma.png"]
+
+
+def test_experiment_file_reparameterises_from_the_base():
+  common = f"base_batch=16,base_tokens={D_BASE},tokens={D_BASE},kappa_mult=2"
+  base = derive(experiment.get_config(f"batch=16,{common}"))
+  assert base.lr == pytest.approx(3e-3 * math.sqrt(2)) and base.beta1 == pytest.approx(0.81)
+  assert base.steps == D_BASE // (16 * 128)
+  sde = derive(experiment.get_config(f"batch=64,sde=1,{common}"))
+  assert sde.kappa == pytest.approx(4.0) and sde.steps == base.steps // 4
+  assert sde.lr == pytest.approx(base.lr * 2) and sde.beta2 == pytest.approx(base.beta2 ** 4)
+  assert sde.eps == pytest.approx(base.eps / 2)
+  naive = derive(experiment.get_config(f"batch=64,{common}"))
+  assert (naive.lr, naive.beta1, naive.steps) == (base.lr, base.beta1, sde.steps)
+  # The horizon enters through (D_base / D)^gamma.
+  longer = derive(experiment.get_config(
+      f"batch=16,sde=1,gamma=0.5,base_batch=16,base_tokens={D_BASE},tokens={4 * D_BASE},kappa_mult=2"))
+  assert longer.kappa == pytest.approx(0.5) and longer.steps == 4 * base.steps
+  assert experiment.get_config("clip=1.0").optim.clip_norm == 1.0
+  assert experiment.get_config("").optim.clip_norm == 0.0
+  with pytest.raises(ValueError, match="eval_rows=1000 must be a multiple of batch=16"):
+    experiment.get_config("batch=16,eval_rows=1000")
+  with pytest.raises(ValueError, match="bad argument 'bacth=4'"):
+    experiment.get_config("bacth=4")
+
+
+def test_cli_quick_study_is_resumable_and_evaluates_the_same_rows(tmp_path, capsys):
+  out, docs = tmp_path / "study", tmp_path / "docs"
+  docs.mkdir()
+  (docs / "batch_study.md").write_text(f"# page\n{bs.DOCS_BEGIN}\nold\n{bs.DOCS_END}\ntail\n")
+  argv = [f"--out={out}", "--quick", "--devices=1", f"--docs={docs}"]
+  bs.main(argv)
+  assert "trained 3 runs this time" in capsys.readouterr().out
+  runs = sorted(os.listdir(out / "runs"))
+  assert runs == ["b4_d1024_fixed_k1", "b8_d1024_fixed_k1", "b8_d1024_sde_k1"]
+  results = {r: json.loads((out / "runs" / r / bs.RESULT).read_text()) for r in runs}
+  # Every run is evaluated on the same rows (same token counts per modality).
+  fractions = {r: [v["eval"][f"token_fraction/{m}"] for m in bs.MODALITIES]
+               for r, v in results.items()}
+  assert len({tuple(v) for v in fractions.values()}) == 1, fractions
+  sde, naive, base = (results[r] for r in ("b8_d1024_sde_k1", "b8_d1024_fixed_k1",
+                                           "b4_d1024_fixed_k1"))
+  assert sde["steps"] == naive["steps"] == base["steps"] // 2
+  assert sde["lr"] == pytest.approx(base["lr"] * math.sqrt(2)) and naive["lr"] == base["lr"]
+  report = json.loads((out / "report" / "batch_study.json").read_text())["report"]
+  assert report["batch"]["flat_level"] == pytest.approx(base["eval"]["loss"])
+  page = (docs / "batch_study.md").read_text()
+  assert "old" not in page and page.endswith("tail\n") and "| reparam | 8 |" in page
+  assert (docs / "img" / "batch_study.png").stat().st_size > 0
+  mtimes = {r: (out / "runs" / r / bs.RESULT).stat().st_mtime for r in runs}
+  bs.main(argv)  # finished runs are skipped
+  assert "trained 0 runs this time" in capsys.readouterr().out
+  assert mtimes == {r: (out / "runs" / r / bs.RESULT).stat().st_mtime for r in runs}

@@ -1,0 +1,817 @@
+"""The batch-size study (issue #6 part 4), at small scale: is the final loss flat across physical
+batches with the SDE reparameterisation, where is the critical batch, and what is gamma?
+
+  python -m tmdiff.scaling.batch_study --out=runs/batch_study --data_dir=runs/data --docs=docs
+  python -m tmdiff.scaling.batch_study --out=/tmp/bs --quick    # 3 micro runs (smoke test)
+
+Every run is `experiments/batch_study.py:<arg>` trained by `tmdiff.train.loop.train` in
+OUT/runs/<name>; a run whose result.json exists is skipped, an interrupted one resumes from its
+checkpoint, so the command can be re-run until it completes. In order:
+  1. base tuning: at (B_base, D_base), a sweep of the AdamW values reparameterised by a kappa
+     multiplier k (lr*sqrt(k), beta^k, eps/sqrt(k)); the best k is the tuned base k0. The sweep
+     grows at an edge that wins (at most --max_extend points per side).
+  2. batch grid at D_base with the base k0: each B reparameterised (sde=1: kappa = B/B_base) and
+     naive (sde=0: the base values; only the step count D/(L B) changes). The grid grows upward
+     (x2) until the reparameterised loss leaves the flat level by more than --tol.
+  3. noise: the base point retrained with --seeds other seeds (init, data order, masks); the
+     base and the smallest-B runs re-evaluated under --eval_seeds other eval-mask seeds; and the
+     smallest-B reparameterised run again with gradient clipping (--clip_control; the study
+     itself trains without clipping).
+  4. gamma: k sweeps at B_base for the other horizons (--horizons x D_base), centred on the
+     optimum the paper's gamma predicts (k0 (D_base/D)^0.44 x {1/2, 1, 2}; grown at a winning
+     edge), so that the fit, not the grid, decides.
+Every run's final eval is on the same validation rows with the same per-row masks
+(`eval_rows`, tmdiff.eval.elbo), so losses are comparable across batches.
+
+Analysis (functions below, tested in tests/test_batch_study.py):
+  flat level  mean reparameterised loss over B <= B_base;
+  B_crit      where the reparameterised loss first exceeds the flat level by --tol,
+              interpolated in log B between the last grid point below and the first above;
+              S_crit = D / (L B_crit);
+  spread      (max - min) / mean of final losses over the grid points below B_crit;
+  gamma       per horizon D, a parabola in ln k through the best point and up to two neighbours
+              each side gives k*(D); gamma = -slope of ln k* vs ln D (kappa = (D_base/D)^gamma at
+              B_base); uncertainty by a parametric bootstrap with the measured seed noise.
+Writes OUT/report/: batch_study.md (tables), batch_study.csv (one row per run),
+batch_study.json (everything), batch_study.png (loss vs B), batch_study_gamma.png. With
+--docs=DIR, also copies the plots to DIR/img/ and replaces the generated block of DIR/batch_study.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXPERIMENT = os.path.join(ROOT, "experiments", "batch_study.py")
+RESULT = "result.json"
+NOISE = "eval_noise.json"
+MODALITIES = ("text", "image", "audio")
+DOCS_BEGIN, DOCS_END = "<!-- batch_study:begin -->", "<!-- batch_study:end -->"
+
+
+# ------------------------------------------------------------------------------ the plan
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run; its name is its workdir under OUT/runs."""
+  batch: int
+  tokens: int
+  sde: bool = False
+  kappa_mult: float = 1.0
+  seed: int = 0
+  clip: float = 0.0       # gradient-clipping norm (0: off, the study's setting)
+
+  @property
+  def name(self) -> str:
+    name = f"b{self.batch}_d{self.tokens}_{'sde' if self.sde else 'fixed'}_k{self.kappa_mult:g}"
+    return name + (f"_s{self.seed}" if self.seed else "") + (f"_clip{self.clip:g}" if self.clip else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  data: str = "synthetic"                 # prepared data directory or 'synthetic'
+  seq_len: int = 128
+  base_batch: int = 4
+  base_tokens: int = 2**20
+  batches: tuple = (1, 2, 4, 8, 16, 32, 64)
+  max_batch: int = 1024
+  min_steps: int = 8                      # the grid does not grow past D / (L B) < min_steps
+  kappas: tuple = (0.25, 0.5, 1.0, 2.0, 4.0)
+  horizons: tuple = (0.5, 2.0)            # gamma: other horizons, multiples of base_tokens
+  # Their k sweeps: these multiples of k0 (D_base / D)^gamma_guess (the paper's gamma), grown
+  # at a winning edge like the base sweep.
+  horizon_kappas: tuple = (0.5, 1.0, 2.0)
+  gamma_guess: float = 0.44
+  max_extend: int = 2
+  tol: float = 0.015
+  eval_rows: int = 1024
+  seeds: int = 2
+  eval_seeds: int = 3
+  clip_control: float = 1.0               # the smallest-B reparameterised run again, clipped
+  quick: bool = False
+
+  def run(self, batch, tokens=None, sde=False, kappa_mult=1.0, seed=0, clip=0.0) -> Run:
+    tokens = int(self.base_tokens if tokens is None else tokens)
+    if batch == self.base_batch and tokens == self.base_tokens:
+      sde = False  # kappa = 1 exactly: the same run with or without the reparameterisation
+    return Run(int(batch), tokens, bool(sde), float(kappa_mult), int(seed), float(clip))
+
+  def arg(self, run: Run) -> str:
+    """The experiments/batch_study.py argument of `run`."""
+    parts = dict(batch=run.batch, tokens=run.tokens, sde=int(run.sde),
+                 kappa_mult=repr(run.kappa_mult), base_batch=self.base_batch,
+                 base_tokens=self.base_tokens, seq=self.seq_len, eval_rows=self.eval_rows,
+                 clip=repr(run.clip), data=self.data, seed=run.seed, quick=int(self.quick))
+    return ",".join(f"{k}={v}" for k, v in parts.items())
+
+  def steps(self, batch, tokens=None) -> int:
+    return max(1, round((tokens or self.base_tokens) / (self.seq_len * batch)))
+
+
+QUICK = dict(seq_len=32, base_batch=4, base_tokens=1024, batches=(4, 8), max_batch=8,
+             kappas=(1.0,), horizons=(), max_extend=0, eval_rows=32, seeds=0, eval_seeds=0,
+             clip_control=0.0, quick=True, data="synthetic")
+
+
+# ------------------------------------------------------------------------------ analysis
+
+def spread(losses) -> float:
+  """(max - min) / mean; inf if any loss is (a diverged run)."""
+  x = np.asarray(losses, np.float64)
+  if not np.isfinite(x).all():
+    return math.inf
+  return float((x.max() - x.min()) / x.mean())
+
+
+def critical_batch(batches, losses, base_batch: int, tol: float) -> dict:
+  """Where the loss first rises above the flat level (mean over B <= base_batch) by `tol`.
+
+  -> flat_level, rel (loss / flat - 1 per B), b_crit (log-B interpolation at rel = tol; None if
+  no point rises that far: then b_crit_lower_bound is the largest B), below (the Bs below it).
+  """
+  order = np.argsort(batches)
+  b = np.asarray(batches, np.float64)[order]
+  loss = np.asarray(losses, np.float64)[order]
+  if not (b <= base_batch).any():
+    raise ValueError(f"critical_batch: no batch <= base_batch={base_batch} in {list(b)}")
+  flat = float(loss[(b <= base_batch) & np.isfinite(loss)].mean())
+  rel = loss / flat - 1.0
+  out = dict(flat_level=flat, batches=b.tolist(), rel=rel.tolist(), b_crit=None,
+             b_crit_lower_bound=None)
+  above = np.flatnonzero((b > base_batch) & (rel > tol))
+  if not len(above):
+    out["b_crit_lower_bound"] = float(b.max())
+    out["below"] = b.tolist()
+    return out
+  j = int(above[0])
+  r0, r1 = min(rel[j - 1], tol), rel[j]
+  frac = (tol - r0) / (r1 - r0) if r1 > r0 else 0.0
+  out["b_crit"] = float(math.exp(math.log(b[j - 1]) + frac * (math.log(b[j]) - math.log(b[j - 1]))))
+  out["first_above"] = float(b[j])
+  out["below"] = b[:j].tolist()
+  return out
+
+
+def parabola_vertex(x, y) -> tuple[float, float] | None:
+  """Least-squares y = a x^2 + b x + c -> (vertex x, a); None if a <= 0 (no minimum)."""
+  a, b, _ = np.polyfit(np.asarray(x, np.float64), np.asarray(y, np.float64), 2)
+  if a <= 0:
+    return None
+  return float(-b / (2 * a)), float(a)
+
+
+def optimum_window(kappas, losses, half_width: int = 2) -> tuple[np.ndarray, np.ndarray]:
+  """The best point and up to `half_width` neighbours each side, as (ln k, loss), k sorted."""
+  order = np.argsort(kappas)
+  x = np.log(np.asarray(kappas, np.float64)[order])
+  y = np.asarray(losses, np.float64)[order]
+  i = int(np.argmin(y))
+  lo, hi = max(0, i - half_width), min(len(x), i + half_width + 1)
+  return x[lo:hi], y[lo:hi]
+
+
+def fit_optimum(kappas, losses, sigma: float = 0.0, n_boot: int = 0, seed: int = 0) -> dict:
+  """Loss-minimising k of one sweep: vertex of a parabola in ln k near the best point.
+
+  `sigma` (absolute loss noise) drives a parametric bootstrap of ln k*; `bracketed` says whether
+  the vertex lies inside the fitted points (else it is an extrapolation).
+  """
+  finite = np.isfinite(np.asarray(losses, np.float64))  # diverged runs are left out
+  kappas, losses = np.asarray(kappas)[finite], np.asarray(losses, np.float64)[finite]
+  if len(kappas) < 3:
+    return dict(ln_k=None, reason=f"{len(kappas)} finite points (need >= 3)")
+  x, y = optimum_window(kappas, losses)
+  if len(x) < 3:
+    return dict(ln_k=None, reason="fewer than 3 points around the best one")
+  fit = parabola_vertex(x, y)
+  if fit is None:
+    return dict(ln_k=None, reason="no curvature (parabola opens downward)")
+  ln_k, curvature = fit
+  coef = np.polyfit(x, y, 2)
+  out = dict(ln_k=ln_k, k=math.exp(ln_k), curvature=curvature, bracketed=bool(x[0] <= ln_k <= x[-1]),
+             window=[float(math.exp(v)) for v in x], coef=[float(c) for c in coef],
+             loss_at_k=float(np.polyval(coef, ln_k)))
+  if n_boot and sigma > 0:
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+      f = parabola_vertex(x, y + rng.normal(0.0, sigma, len(y)))
+      if f is not None:
+        draws.append(min(max(f[0], x[0] - 1.0), x[-1] + 1.0))  # keep wild refits finite
+    out["boot_ln_k"] = draws
+    out["ln_k_sd"] = float(np.std(draws)) if len(draws) > 1 else None
+  return out
+
+
+def fit_gamma(tokens, ln_k, boot_ln_k=None) -> dict:
+  """gamma = -slope of ln k*(D) vs ln D (least squares). `boot_ln_k`: per horizon, bootstrap
+  draws of ln k* (equal counts), giving gamma's bootstrap sd and 68%/95% intervals."""
+  if len(tokens) < 2:
+    return dict(gamma=None, reason=f"{len(tokens)} horizon(s) with an optimum (need >= 2)")
+  ln_d = np.log(np.asarray(tokens, np.float64))
+  slope, intercept = np.polyfit(ln_d, np.asarray(ln_k, np.float64), 1)
+  out = dict(gamma=float(-slope), intercept=float(intercept))
+  if boot_ln_k is not None and all(len(d) for d in boot_ln_k):
+    n = min(len(d) for d in boot_ln_k)
+    draws = np.array([np.asarray(d[:n]) for d in boot_ln_k])        # [horizons, n]
+    gammas = -np.polyfit(ln_d, draws, 1)[0]
+    out.update(gamma_sd=float(gammas.std()),
+               gamma_68=[float(v) for v in np.percentile(gammas, [16, 84])],
+               gamma_95=[float(v) for v in np.percentile(gammas, [2.5, 97.5])],
+               n_boot=int(n))
+  return out
+
+
+def _loss(result) -> float:
+  """Final validation loss; inf for a run that diverged."""
+  return math.inf if result.get("diverged") else float(result["eval"]["loss"])
+
+
+def _metric(result, key) -> float:
+  return math.inf if result.get("diverged") else float(result["eval"][key])
+
+
+def _clip(result) -> float:
+  return float(result.get("clip", 0.0))
+
+
+def select(results: dict, study: Study) -> dict:
+  """The study's groups from a {name: result} dict (runs present so far)."""
+  rs = [r for r in results.values() if not _clip(r)]
+  base_sweep = sorted((r for r in rs if r["batch"] == study.base_batch and
+                       r["tokens"] == study.base_tokens and not r["sde"] and r["seed"] == 0),
+                      key=lambda r: r["kappa_mult"])
+  k0 = min(base_sweep, key=_loss)["kappa_mult"] if base_sweep else None
+
+  def grid(sde):
+    return sorted((r for r in rs if r["tokens"] == study.base_tokens and r["seed"] == 0 and
+                   r["kappa_mult"] == k0 and (r["sde"] == sde or r["batch"] == study.base_batch)),
+                  key=lambda r: r["batch"])
+  sweeps = {}
+  for r in rs:
+    if r["batch"] == study.base_batch and not r["sde"] and r["seed"] == 0:
+      sweeps.setdefault(r["tokens"], []).append(r)
+  seeds = [r for r in rs if r["batch"] == study.base_batch and r["tokens"] == study.base_tokens
+           and r["kappa_mult"] == k0 and not r["sde"]]
+  clipped = [r for r in results.values() if _clip(r)]
+  return dict(k0=k0, base_sweep=base_sweep, reparam=grid(True), naive=grid(False), clipped=clipped,
+              sweeps={d: sorted(v, key=lambda r: r["kappa_mult"]) for d, v in sorted(sweeps.items())},
+              seed_runs=sorted(seeds, key=lambda r: r["seed"]))
+
+
+def analyse(results: dict, study: Study, noise: dict | None = None, n_boot: int = 400) -> dict:
+  g = select(results, study)
+  out = dict(k0=g["k0"], tol=study.tol, seq_len=study.seq_len, base_batch=study.base_batch,
+             base_tokens=study.base_tokens)
+  seed_losses = [_loss(r) for r in g["seed_runs"]]
+  out["seed_noise"] = dict(
+      losses=seed_losses, seeds=[r["seed"] for r in g["seed_runs"]],
+      sd=float(np.std(seed_losses, ddof=1)) if len(seed_losses) > 1 else None,
+      rel_sd=float(np.std(seed_losses, ddof=1) / np.mean(seed_losses)) if len(seed_losses) > 1 else None,
+      spread=spread(seed_losses) if len(seed_losses) > 1 else None)
+  out["eval_noise"] = noise
+  # Batch grid.
+  rep = g["reparam"]
+  if rep and any(r["batch"] <= study.base_batch for r in rep):
+    crit = critical_batch([r["batch"] for r in rep], [_loss(r) for r in rep], study.base_batch,
+                          study.tol)
+    below = set(crit["below"])
+    b_crit = crit["b_crit"]
+    crit["s_crit"] = (study.base_tokens / (study.seq_len * b_crit)) if b_crit else None
+    crit["s_crit_upper_bound"] = (study.base_tokens / (study.seq_len * crit["b_crit_lower_bound"])
+                                  if crit["b_crit_lower_bound"] else None)
+    rep_below = [r for r in rep if r["batch"] in below]
+    naive_below = [r for r in g["naive"] if r["batch"] in below]
+    crit["reparam_spread"] = spread([_loss(r) for r in rep_below]) if len(rep_below) > 1 else None
+    crit["naive_spread"] = spread([_loss(r) for r in naive_below]) if len(naive_below) > 1 else None
+    crit["span"] = (max(below) / min(below)) if below else None
+    crit["naive_rel"] = {int(r["batch"]): _loss(r) / crit["flat_level"] - 1.0 for r in g["naive"]}
+    crit["per_modality"] = {
+        m: dict(reparam_spread=spread([_metric(r, f"bits_per_token/{m}") for r in rep_below])
+                if len(rep_below) > 1 else None,
+                naive_spread=spread([_metric(r, f"bits_per_token/{m}") for r in naive_below])
+                if len(naive_below) > 1 else None)
+        for m in MODALITIES}
+    out["batch"] = crit
+    unclipped = {(r["batch"], r["sde"], r["kappa_mult"]): r for r in rep}
+    out["clip_control"] = [
+        dict(batch=r["batch"], clip=_clip(r), loss=_loss(r),
+             unclipped=_loss(unclipped[(r["batch"], r["sde"], r["kappa_mult"])]),
+             rel_to_flat=_loss(r) / crit["flat_level"] - 1.0)
+        for r in g["clipped"] if (r["batch"], r["sde"], r["kappa_mult"]) in unclipped]
+  # Gamma.
+  sigma = out["seed_noise"]["sd"] or 0.0
+  optima = {}
+  for tokens, runs in g["sweeps"].items():
+    optima[tokens] = fit_optimum([r["kappa_mult"] for r in runs], [_loss(r) for r in runs],
+                                 sigma=sigma, n_boot=n_boot, seed=int(tokens) % 9973)
+  out["optima"] = {str(t): {k: v for k, v in o.items() if k != "boot_ln_k"}
+                   for t, o in optima.items()}
+  usable = [(t, o) for t, o in optima.items() if o.get("ln_k") is not None]
+  boot = [o["boot_ln_k"] for _, o in usable] if all("boot_ln_k" in o for _, o in usable) else None
+  out["gamma"] = fit_gamma([t for t, _ in usable], [o["ln_k"] for _, o in usable], boot)
+  out["gamma"]["horizons"] = [int(t) for t, _ in usable]
+  out["gamma"]["all_bracketed"] = all(o["bracketed"] for _, o in usable)
+  return out
+
+
+# ------------------------------------------------------------------------------ running
+
+@functools.cache
+def _load_experiment():
+  """experiments/batch_study.py, loaded from the repository root (it imports experiments.tiny)."""
+  if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+  spec = importlib.util.spec_from_file_location("batch_study_experiment", EXPERIMENT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def train_run(study: Study, run: Run, root: str, devices=None) -> dict:
+  """Trains `run` (or returns its stored result); writes OUT/runs/<name>/result.json."""
+  workdir = os.path.join(root, "runs", run.name)
+  path = os.path.join(workdir, RESULT)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  from tmdiff.configs.derived import derive
+  from tmdiff.train import loop
+  arg = study.arg(run)
+  config = _load_experiment().get_config(arg)
+  hp = derive(config)
+  resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))  # wall_s: this attempt only
+  os.makedirs(workdir, exist_ok=True)
+  handler = logging.FileHandler(os.path.join(workdir, "train.log"))
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+  logging.getLogger().addHandler(handler)
+  start = time.perf_counter()
+  diverged = False
+  try:
+    metrics = loop.train(config, workdir, devices=devices)
+  except FloatingPointError as e:  # the loop stops on a non-finite loss: a result, not a crash
+    logging.warning("%s diverged: %s", run.name, e)
+    metrics, diverged = {}, True
+  finally:
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+  wall = time.perf_counter() - start
+  train_loss = None
+  with open(os.path.join(workdir, loop.METRICS_FILE)) as f:
+    for line in f:
+      record = json.loads(line)
+      if record["split"] == "train":
+        train_loss = record["loss"]
+  result = dict(name=run.name, arg=arg, **dataclasses.asdict(run), steps=hp.steps,
+                kappa=hp.kappa, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
+                warmup_steps=hp.warmup_steps, train_loss=train_loss, eval=metrics, wall_s=wall,
+                resumed=resumed, diverged=diverged)
+  with open(path + ".tmp", "w") as f:
+    json.dump(result, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return result
+
+
+def eval_noise(study: Study, run: Run, root: str, devices=None) -> dict:
+  """`run`'s final eval re-done under study.eval_seeds other eval seeds (same rows, other
+  masks and times): the part of a loss difference that is eval noise."""
+  workdir = os.path.join(root, "runs", run.name)
+  path = os.path.join(workdir, NOISE)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  from tmdiff.eval import elbo as elbo_lib
+  from tmdiff.train import checkpoint as ckpt_lib
+  from tmdiff.train.trainer import Trainer, make_mesh
+  config = _load_experiment().get_config(study.arg(run))
+  mesh = make_mesh(config, devices)
+  trainer = Trainer(config, mesh)
+  _, params = ckpt_lib.restore_params(workdir, trainer.abstract_state["params"])
+  rows = elbo_lib.validation_rows(config, study.eval_rows)
+  losses = {}
+  for k in range(1, study.eval_seeds + 1):
+    seeded = config.copy_and_resolve_references()
+    seeded.seed = config.seed + 1000 * k  # eval masks only: params and rows are fixed
+    metrics = elbo_lib.evaluate_rows(Trainer(seeded, mesh), params, rows,
+                                     batch_size=min(64, study.eval_rows))
+    losses[str(seeded.seed)] = metrics["loss"]
+  with open(path, "w") as f:
+    json.dump(losses, f, indent=1)
+  return losses
+
+
+class Runner:
+  """Trains runs in order, printing progress; keeps every result by name."""
+
+  def __init__(self, study: Study, root: str, devices=None):
+    self.study, self.root, self.devices = study, root, devices
+    self.results: dict[str, dict] = {}
+    self.trained = 0
+
+  def ensure(self, runs) -> list[dict]:
+    out = []
+    for run in runs:
+      if run.name not in self.results:
+        done = os.path.exists(os.path.join(self.root, "runs", run.name, RESULT))
+        if not done:
+          steps = self.study.steps(run.batch, run.tokens)
+          print(f"  training {run.name} ({steps} steps) ...", flush=True)
+        result = train_run(self.study, run, self.root, self.devices)
+        self.trained += not done
+        print(f"  {'trained' if not done else 'have   '} {run.name}: loss {_loss(result):.4f} "
+              f"({result['wall_s']:.0f} s)", flush=True)
+        self.results[run.name] = result
+      out.append(self.results[run.name])
+    return out
+
+  def sweep(self, tokens, kappas) -> list[dict]:
+    """The k sweep at (B_base, tokens), grown at a winning edge."""
+    s = self.study
+    kappas = sorted(kappas)
+    results = self.ensure(s.run(s.base_batch, tokens, kappa_mult=k) for k in kappas)
+    for _ in range(s.max_extend):
+      best = min(results, key=_loss)["kappa_mult"]
+      if len(kappas) < 2 or kappas[0] < best < kappas[-1]:
+        break
+      step = kappas[1] / kappas[0] if best == kappas[0] else kappas[-1] / kappas[-2]
+      new = kappas[0] / step if best == kappas[0] else kappas[-1] * step
+      kappas = sorted(kappas + [new])
+      print(f"  best k={best:g} at the edge: adding k={new:g}", flush=True)
+      results += self.ensure([s.run(s.base_batch, tokens, kappa_mult=new)])
+    return results
+
+  def batch_grid(self, k0) -> None:
+    s = self.study
+    batches = sorted(s.batches)
+    while True:
+      self.ensure(s.run(b, sde=sde, kappa_mult=k0) for b in batches for sde in (True, False))
+      g = select(self.results, s)
+      crit = critical_batch([r["batch"] for r in g["reparam"]],
+                            [_loss(r) for r in g["reparam"]], s.base_batch, s.tol)
+      nxt = batches[-1] * 2
+      if crit["b_crit"] is not None or nxt > s.max_batch or s.steps(nxt) < s.min_steps:
+        return
+      print(f"  reparameterised loss still flat at B={batches[-1]}: adding B={nxt}", flush=True)
+      batches.append(nxt)
+
+
+def run_study(study: Study, root: str, devices=None) -> dict:
+  runner = Runner(study, root, devices)
+  s = study
+  print(f"[1/4] base tuning: k sweep at B_base={s.base_batch}, D_base={s.base_tokens:,}", flush=True)
+  base = runner.sweep(s.base_tokens, s.kappas)
+  k0 = min(base, key=_loss)["kappa_mult"]
+  print(f"      tuned base k0={k0:g}", flush=True)
+  print(f"[2/4] batch grid at D_base, reparameterised and naive, B in {sorted(s.batches)}+",
+        flush=True)
+  runner.batch_grid(k0)
+  noise = None
+  if s.seeds or s.eval_seeds or s.clip_control:
+    print(f"[3/4] noise: base point with {s.seeds} more training seeds, {s.eval_seeds} eval seeds; "
+          f"clip control {s.clip_control:g}", flush=True)
+    runner.ensure(s.run(s.base_batch, kappa_mult=k0, seed=i) for i in range(1, s.seeds + 1))
+    if s.clip_control:
+      runner.ensure([s.run(min(s.batches), sde=True, kappa_mult=k0, clip=s.clip_control)])
+    if s.eval_seeds:
+      noise = {}
+      g = select(runner.results, s)
+      picks = [g["reparam"][0], g["naive"][0]] if g["reparam"] else []
+      base_run = s.run(s.base_batch, kappa_mult=k0)
+      for r in [runner.results[base_run.name]] + picks:
+        run = Run(r["batch"], r["tokens"], r["sde"], r["kappa_mult"], r["seed"])
+        if run.name not in noise:
+          noise[run.name] = {"0": _loss(r), **eval_noise(s, run, root, devices)}
+      noise = summarise_eval_noise(noise)
+  print(f"[4/4] gamma: k sweeps at D = {[int(h * s.base_tokens) for h in s.horizons]}", flush=True)
+  for h in s.horizons:
+    centre = k0 * h ** -s.gamma_guess
+    runner.sweep(int(round(h * s.base_tokens)), [centre * k for k in s.horizon_kappas])
+  return dict(results=runner.results, trained=runner.trained, noise=noise)
+
+
+def summarise_eval_noise(losses: dict) -> dict:
+  """{run: {eval_seed: loss}} -> per-run relative sd, and the sd of paired differences."""
+  names = list(losses)
+  seeds = sorted(set.intersection(*(set(v) for v in losses.values())), key=int)
+  table = np.array([[losses[n][s] for s in seeds] for n in names])  # [runs, seeds]
+  out = dict(losses=losses, eval_seeds=[int(s) for s in seeds])
+  if len(seeds) > 1:
+    out["rel_sd"] = {n: float(table[i].std(ddof=1) / table[i].mean()) for i, n in enumerate(names)}
+    diffs = {f"{names[i]} - {names[0]}": float((table[i] - table[0]).std(ddof=1) / table[0].mean())
+             for i in range(1, len(names))}
+    out["paired_diff_rel_sd"] = diffs
+  return out
+
+
+# ------------------------------------------------------------------------------ reporting
+
+CSV_COLUMNS = ("name", "batch", "tokens", "steps", "sde", "kappa_mult", "kappa", "lr", "beta1",
+               "beta2", "eps", "seed", "clip", "loss", "bits_all", "bits_text", "bits_image", "bits_audio",
+               "train_loss", "wall_s")
+
+
+def _row(r) -> dict:
+  return dict(name=r["name"], batch=r["batch"], tokens=r["tokens"], steps=r["steps"],
+              sde=int(r["sde"]), kappa_mult=r["kappa_mult"], kappa=r["kappa"], lr=r["lr"],
+              beta1=r["beta1"], beta2=r["beta2"], eps=r["eps"], seed=r["seed"], clip=_clip(r),
+              loss=_loss(r), bits_all=_metric(r, "bits_per_token/all"),
+              bits_text=_metric(r, "bits_per_token/text"),
+              bits_image=_metric(r, "bits_per_token/image"),
+              bits_audio=_metric(r, "bits_per_token/audio"), train_loss=r["train_loss"],
+              wall_s=r["wall_s"])
+
+
+def _pct(x) -> str:
+  return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def markdown(results: dict, study: Study, report: dict) -> str:
+  g = select(results, study)
+  lines = []
+  b = report.get("batch")
+  if b:
+    base = next(r for r in g["base_sweep"] if r["kappa_mult"] == g["k0"])
+    crit = (f"B_crit ~ {b['b_crit']:.0f} sequences (S_crit ~ {b['s_crit']:.0f} steps; first grid "
+            f"point above: B={b['first_above']:.0f})" if b["b_crit"] else
+            f"B_crit > {b['b_crit_lower_bound']:.0f} (not reached; S_crit < "
+            f"{b['s_crit_upper_bound']:.0f} steps)")
+    below = b["below"]
+    lines += [
+        f"Token horizon D = {study.base_tokens:,} tokens, L = {study.seq_len}, base B_base = "
+        f"{study.base_batch}, base AdamW values reparameterised by k0 = {g['k0']:g} (lr "
+        f"{base['lr']:.4g}, beta1 {base['beta1']:.4g}, beta2 {base['beta2']:.4g}, eps "
+        f"{base['eps']:.3g}); tolerance {100 * study.tol:.1f}%.",
+        "",
+        f"- flat level (mean reparameterised loss, B <= B_base): {b['flat_level']:.4f} nats/token",
+        f"- {crit}",
+        f"- below B_crit (B = {', '.join(f'{x:.0f}' for x in below)}; span {b['span']:.0f}x): "
+        f"reparameterised spread **{_pct(b['reparam_spread'])}**, naive spread "
+        f"**{_pct(b['naive_spread'])}** ((max - min) / mean of the final validation loss)",
+        "- per modality (bits/token), reparameterised / naive spread below B_crit: " + "; ".join(
+            f"{m} {_pct(v['reparam_spread'])} / {_pct(v['naive_spread'])}"
+            for m, v in b["per_modality"].items()),
+    ]
+  for c in report.get("clip_control", []):
+    lines.append(f"- clip control: B = {c['batch']} reparameterised with gradient clipping at "
+                 f"{c['clip']:g}: loss {c['loss']:.4f} vs {c['unclipped']:.4f} without "
+                 f"({_pct(c['loss'] / c['unclipped'] - 1)}; {_pct(c['rel_to_flat'])} from the "
+                 "flat level)")
+  sn = report["seed_noise"]
+  if sn["sd"] is not None:
+    lines.append(f"- training-seed noise at the base point (seeds {sn['seeds']}): sd "
+                 f"{_pct(sn['rel_sd'])} of the loss, spread {_pct(sn['spread'])}")
+  en = report.get("eval_noise")
+  if en and "rel_sd" in en:
+    lines.append("- eval noise (same rows, other eval-mask seeds): sd " + ", ".join(
+        f"{_pct(v)} ({n})" for n, v in en["rel_sd"].items()) + "; paired differences: sd " +
+        ", ".join(f"{_pct(v)} ({n})" for n, v in en["paired_diff_rel_sd"].items()))
+  gm = report["gamma"]
+  if gm.get("gamma") is not None:
+    ci = (f" +- {gm['gamma_sd']:.2f} (bootstrap sd; 68% interval {gm['gamma_68'][0]:.2f}.."
+          f"{gm['gamma_68'][1]:.2f}, 95% {gm['gamma_95'][0]:.2f}..{gm['gamma_95'][1]:.2f})"
+          if "gamma_sd" in gm else "")
+    lines.append(f"- gamma = **{gm['gamma']:.2f}**{ci} from horizons "
+                 f"{', '.join(f'{t:,}' for t in gm['horizons'])} (paper: 0.44)"
+                 + ("" if gm["all_bracketed"] else "; some optima NOT bracketed by their sweep"))
+  else:
+    lines.append(f"- gamma: not fitted ({gm.get('reason')})")
+  for t, o in report["optima"].items():
+    if o.get("ln_k") is not None:
+      sd = f" (ln k* sd {o['ln_k_sd']:.2f})" if o.get("ln_k_sd") is not None else ""
+      lines.append(f"  - D = {int(t):,}: k* = {o['k']:.3g}{sd}"
+                   + ("" if o["bracketed"] else " (extrapolated)"))
+  lines += ["", "| group | B | steps | D | sde | k | kappa | lr | beta1 | beta2 | loss (nats) | "
+            "text | image | audio (bits) | wall (s) |", "|" + "---|" * 15]
+  groups = [("reparam", g["reparam"]), ("naive", g["naive"])]
+  groups += [(f"k sweep", runs) for _, runs in g["sweeps"].items()]
+  groups += [("seed", [r for r in g["seed_runs"] if r["seed"]])]
+  groups += [(f"clip {_clip(r):g}", [r]) for r in g["clipped"]]
+  for label, runs in groups:
+    for r in runs:
+      if r.get("diverged"):
+        scores = "diverged | | | "
+      else:
+        scores = (f"{_loss(r):.4f} | " + " | ".join(
+            f"{_metric(r, f'bits_per_token/{m}'):.3f}" for m in MODALITIES) + " ")
+      lines.append(
+          f"| {label} | {r['batch']} | {r['steps']} | {r['tokens']:,} | {int(r['sde'])} | "
+          f"{r['kappa_mult']:g} | {r['kappa']:.3g} | {r['lr']:.3g} | {r['beta1']:.4f} | "
+          f"{r['beta2']:.4f} | {scores}| {r['wall_s']:.0f}{'*' if r.get('resumed') else ''} |")
+  walls = [r["wall_s"] for r in results.values()]
+  lines += ["", f"{len(walls)} runs, {sum(walls) / 60:.1f} min of training and eval in all "
+            f"(per run {min(walls):.0f}-{max(walls):.0f} s, compilation included)."]
+  if any(r.get("resumed") for r in results.values()):
+    lines.append("*: resumed from a checkpoint after an interruption; the time is that of the "
+                 "last attempt only.")
+  return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, study: Study, report: dict, out_dir: str) -> list[str]:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from tmdiff.scaling import plots
+  g = select(results, study)
+  paths = []
+  b = report.get("batch")
+  if b:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    flat = b["flat_level"]
+    for ax, rel in zip(axes, (False, True)):
+      for label, runs, style in (("SDE reparameterised", g["reparam"], "o-"),
+                                 ("naive (base lr/betas/eps)", g["naive"], "s--")):
+        runs = [r for r in runs if not r.get("diverged")]
+        x = [r["batch"] for r in runs]
+        y = [_loss(r) for r in runs]
+        y = [100 * (v / flat - 1) for v in y] if rel else y
+        ax.plot(x, y, style, label=label, ms=5)
+      level = 0.0 if rel else flat
+      band = 100 * study.tol if rel else flat * study.tol
+      ax.axhspan(level - band, level + band, color="0.85", label=f"flat level +- {100 * study.tol:g}%")
+      ax.axvline(study.base_batch, color="0.5", ls="--", lw=0.8, label=f"B_base = {study.base_batch}")
+      if b["b_crit"]:
+        ax.axvline(b["b_crit"], color="r", ls=":", label=f"B_crit ~ {b['b_crit']:.0f}")
+      ax.set_xscale("log", base=2)
+      ax.set_xlabel(f"physical batch B (sequences of {study.seq_len}); D = {study.base_tokens:,}")
+      ax.set_ylabel("final val loss - flat level (%)" if rel else "final val loss (nats/token)")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("fixed token horizon: loss vs physical batch")
+    axes[1].set_title("relative to the flat level")
+    paths.append(plots._save(fig, os.path.join(out_dir, "batch_study.png")))
+  if g["sweeps"] and any(len(v) > 1 for v in g["sweeps"].values()):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = plots._colours(list(g["sweeps"]))
+    for colour, (tokens, runs) in zip(colours, g["sweeps"].items()):
+      runs = [r for r in runs if not r.get("diverged")]
+      k = np.array([r["kappa_mult"] for r in runs])
+      y = np.array([_loss(r) for r in runs])
+      axes[0].plot(k, y, "o", color=colour, label=f"D = {tokens:,}")
+      o = report["optima"].get(str(tokens), {})
+      if o.get("ln_k") is not None:
+        xs = np.linspace(math.log(o["window"][0]), math.log(o["window"][-1]), 50)
+        axes[0].plot(np.exp(xs), np.polyval(o["coef"], xs), "-", color=colour, lw=1)
+        axes[0].plot([o["k"]], [o["loss_at_k"]], "*", color=colour, ms=12)
+    axes[0].set_xscale("log", base=2)
+    axes[0].set(xlabel="kappa multiplier k (lr x sqrt(k), beta^k, eps / sqrt(k))",
+                ylabel="final val loss (nats/token)", title=f"k sweeps at B = {study.base_batch}")
+    axes[0].legend(fontsize=8)
+    gm = report["gamma"]
+    pts = [(int(t), o) for t, o in report["optima"].items() if o.get("ln_k") is not None]
+    if pts:
+      d = np.array([t for t, _ in pts], np.float64)
+      lk = np.array([o["ln_k"] for _, o in pts])
+      err = [o.get("ln_k_sd") or 0.0 for _, o in pts]
+      axes[1].errorbar(d, np.exp(lk), yerr=[np.exp(lk) - np.exp(lk - err), np.exp(lk + err) - np.exp(lk)],
+                       fmt="o", label="fitted optimum k*(D)")
+      ds = np.geomspace(d.min() / 1.3, d.max() * 1.3, 20)
+      if gm.get("gamma") is not None:
+        axes[1].plot(ds, np.exp(gm["intercept"] - gm["gamma"] * np.log(ds)), "-",
+                     label=f"fit: gamma = {gm['gamma']:.2f}")
+        anchor = np.exp(gm["intercept"] - gm["gamma"] * np.log(study.base_tokens))
+        axes[1].plot(ds, anchor * (study.base_tokens / ds) ** 0.44, ":", label="gamma = 0.44 (paper)")
+      axes[1].set(xscale="log", yscale="log", xlabel="token horizon D",
+                  ylabel="optimal k at B_base", title="k*(D) = c (D_base / D)^gamma")
+      axes[1].legend(fontsize=8)
+    paths.append(plots._save(fig, os.path.join(out_dir, "batch_study_gamma.png")))
+  return paths
+
+
+def write_report(results: dict, study: Study, noise, out_dir: str) -> dict:
+  report = analyse(results, study, noise)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "batch_study.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for r in sorted(results.values(), key=lambda r: (r["tokens"], r["batch"], r["sde"],
+                                                      r["kappa_mult"], r["seed"])):
+      writer.writerow(_row(r))
+  text = markdown(results, study, report)
+  with open(os.path.join(out_dir, "batch_study.md"), "w") as f:
+    f.write(text)
+  paths = plot(results, study, report, out_dir)
+  with open(os.path.join(out_dir, "batch_study.json"), "w") as f:
+    json.dump(dict(study=dataclasses.asdict(study), report=report,
+                   runs=[_row(r) for r in results.values()]), f, indent=1)
+  return dict(report=report, markdown=text, plots=paths)
+
+
+def update_docs(docs_dir: str, markdown_text: str, plots_: list[str]) -> None:
+  """Copies the plots to docs_dir/img and replaces the generated block of batch_study.md."""
+  os.makedirs(os.path.join(docs_dir, "img"), exist_ok=True)
+  for p in plots_:
+    shutil.copy(p, os.path.join(docs_dir, "img", os.path.basename(p)))
+  page = os.path.join(docs_dir, "batch_study.md")
+  if not os.path.exists(page):
+    raise FileNotFoundError(f"{page}: no docs page to update")
+  with open(page) as f:
+    text = f.read()
+  if DOCS_BEGIN not in text or DOCS_END not in text:
+    raise ValueError(f"{page}: no generated block ({DOCS_BEGIN} ... {DOCS_END})")
+  head, rest = text.split(DOCS_BEGIN, 1)
+  _, tail = rest.split(DOCS_END, 1)
+  with open(page, "w") as f:
+    f.write(f"{head}{DOCS_BEGIN}\n{markdown_text}{DOCS_END}{tail}")
+
+
+def ensure_data(data_dir: str) -> None:
+  """Runs `python -m tmdiff.data.prepare` when data_dir holds no prepared data."""
+  from tmdiff.data import records
+  if os.path.exists(os.path.join(data_dir, records.MANIFEST)):
+    return
+  print(f"no prepared data in {data_dir}: running python -m tmdiff.data.prepare --out={data_dir}",
+        flush=True)
+  subprocess.run([sys.executable, "-m", "tmdiff.data.prepare", f"--out={data_dir}"], check=True)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", required=True, help="study directory (runs/ and report/)")
+  p.add_argument("--data_dir", default="runs/data",
+                 help="prepared data (made by tmdiff.data.prepare if absent) or 'synthetic'")
+  p.add_argument("--docs", default="", help="also update DIR/batch_study.md and DIR/img/")
+  p.add_argument("--quick", action="store_true", help="3 micro runs on synthetic data")
+  p.add_argument("--devices", type=int, default=0, help="use the first N devices (0: all)")
+  p.add_argument("--base_batch", type=int, default=Study.base_batch)
+  p.add_argument("--base_tokens", type=int, default=Study.base_tokens)
+  p.add_argument("--batches", default=",".join(map(str, Study.batches)))
+  p.add_argument("--kappas", default=",".join(f"{k:g}" for k in Study.kappas))
+  p.add_argument("--horizons", default=",".join(f"{h:g}" for h in Study.horizons),
+                 help="gamma: other horizons as multiples of base_tokens ('' for none)")
+  p.add_argument("--tol", type=float, default=Study.tol)
+  p.add_argument("--seeds", type=int, default=Study.seeds)
+  p.add_argument("--eval_seeds", type=int, default=Study.eval_seeds)
+  p.add_argument("--clip_control", type=float, default=Study.clip_control,
+                 help="clip norm of the control run (0: no control run)")
+  p.add_argument("--analyse_only", action="store_true", help="report on the finished runs only")
+  p.add_argument("--jax_cache", default="DEFAULT",
+                 help="persistent compilation cache (default OUT/jax_cache; '' = off): init and "
+                 "eval steps repeat across runs")
+  args = p.parse_args(argv)
+  import jax
+  from tmdiff.train import loop  # noqa: F401  (its imports may install logging handlers)
+  root = logging.getLogger()
+  for h in root.handlers:  # the console keeps warnings; each run's INFO log goes to its train.log
+    h.setLevel(max(h.level, logging.WARNING))
+  root.setLevel(logging.INFO)
+  for name in ("absl", "jax", "orbax"):
+    logging.getLogger(name).setLevel(logging.WARNING)
+  cache = os.path.join(args.out, "jax_cache") if args.jax_cache == "DEFAULT" else args.jax_cache
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  if args.quick:
+    study = Study(**QUICK)
+  else:
+    data = args.data_dir
+    if data != "synthetic":
+      data = os.path.abspath(data)
+      if not args.analyse_only:
+        ensure_data(data)
+    floats = lambda s: tuple(float(v) for v in s.split(",") if v)  # noqa: E731
+    study = Study(data=data, base_batch=args.base_batch, base_tokens=args.base_tokens,
+                  batches=tuple(int(v) for v in args.batches.split(",")),
+                  kappas=floats(args.kappas), horizons=floats(args.horizons), tol=args.tol,
+                  seeds=args.seeds, eval_seeds=args.eval_seeds, clip_control=args.clip_control)
+  devices = jax.devices()[:args.devices] if args.devices else None
+  start = time.perf_counter()
+  if args.analyse_only:
+    results = {}
+    for name in sorted(os.listdir(os.path.join(args.out, "runs"))):
+      path = os.path.join(args.out, "runs", name, RESULT)
+      if os.path.exists(path):
+        with open(path) as f:
+          results[name] = json.load(f)
+    noise_raw = {}
+    for name in results:
+      path = os.path.join(args.out, "runs", name, NOISE)
+      if os.path.exists(path):
+        with open(path) as f:
+          noise_raw[name] = {"0": _loss(results[name]), **json.load(f)}
+    state = dict(results=results, trained=0,
+                 noise=summarise_eval_noise(noise_raw) if noise_raw else None)
+  else:
+    state = run_study(study, args.out, devices)
+  written = write_report(state["results"], study, state["noise"], os.path.join(args.out, "report"))
+  if args.docs:
+    update_docs(args.docs, written["markdown"], written["plots"])
+  print(written["markdown"])
+  print(f"trained {state['trained']} runs this time; {time.perf_counter() - start:.0f} s; "
+        f"report in {os.path.join(args.out, 'report')}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
