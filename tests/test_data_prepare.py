@@ -269,8 +269,7 @@ def test_user_data_and_its_errors(tmp_path):
                image_captions=img_dir / "captions.jsonl", audio_dir=wav_dir,
                user_validation_fraction=0.3)
   manifest = prepare.prepare(args, tokenizers=FAKES)
-  assert manifest.counts["text"]["train"] == 60 and manifest.counts["text"]["validation"] > 0
-  assert manifest.counts["image_text"]["validation"] > 0
+  assert manifest.counts["text"]["validation"] > 0 and manifest.counts["image_text"]["validation"] > 0
   assert sum(manifest.counts["audio_text"].values()) == 30
 
   np.save(img_dir / "3.npy", np.zeros((IMAGE_SIZE + 1, IMAGE_SIZE, 3), np.uint8))
@@ -282,6 +281,26 @@ def test_user_data_and_its_errors(tmp_path):
   with pytest.raises(sources.SourceError, match="4.txt: empty transcript for 4.wav"):
     for split in ("train", "validation"):
       list(sources.user_spoken_utterances(str(wav_dir), split))
+
+
+def test_user_text_split_is_disjoint_and_independent_of_location(tmp_path):
+  paragraphs = "\n\n".join(f"paragraph {i} " + "word " * (40 + 7 * i) for i in range(60))
+  jsonl = "\n".join(json.dumps({"text": f"doc {i}"}) for i in range(80))
+  splits = []
+  for where in ("a", "b/c"):
+    d = tmp_path / where
+    d.mkdir(parents=True)
+    (d / "first.txt").write_text(paragraphs)
+    (d / "second.txt").write_text(paragraphs.replace("word", "other"))
+    (d / "docs.jsonl").write_text(jsonl)
+    files = [str(d / "*.txt"), str(d / "docs.jsonl")]
+    splits.append({s: [doc["text"] for doc in sources.user_text_documents(
+        files, s, validation_fraction=0.3)] for s in ("train", "validation")})
+  assert splits[0] == splits[1]
+  train, val = (set(splits[0][s]) for s in ("train", "validation"))
+  assert train and val and not train & val
+  everything = sources.user_text_documents(files, "train", validation_fraction=0.0)
+  assert train | val == {doc["text"] for doc in everything} and len(everything) == len(train | val)
 
 
 def test_record_codec_round_trip_and_errors():

@@ -364,7 +364,7 @@ def user_text_documents(paths: list[str], split: str, *, seed: int = 0,
   _check_split(split)
   out = []
   files = sorted(f for p in paths for f in (sorted(glob.glob(p)) or [p]))
-  for path in files:
+  for file_index, path in enumerate(files):
     if not os.path.exists(path):
       raise SourceError(f"text file {path} does not exist")
     if path.endswith(".jsonl"):
@@ -372,15 +372,16 @@ def user_text_documents(paths: list[str], split: str, *, seed: int = 0,
         if not isinstance(item.get(text_key), str):
           raise SourceError(f"{path} line {line_no}: no string field {text_key!r}")
         doc_id = f"{path}:{line_no}"
-        if item[text_key].strip() and _split_of(doc_id, seed, validation_fraction) == split:
+        split_key = f"{os.path.basename(path)}:{line_no}"  # independent of where the data lives
+        if item[text_key].strip() and _split_of(split_key, seed, validation_fraction) == split:
           out.append({"id": doc_id, "text": item[text_key]})
     else:
       with open(path, encoding="utf-8", errors="replace") as f:
         paragraphs = [p.strip() for p in re.split(r"\n\s*\n", f.read()) if p.strip()]
-      rng = np.random.default_rng([seed, len(out)])
+      rng = np.random.default_rng([seed, file_index])  # same grouping for every split
       for i, doc in enumerate(paragraphs_to_documents(paragraphs, rng, 300, 2000)):
         doc_id = f"{path}/{i}"
-        if _split_of(doc_id, seed, validation_fraction) == split:
+        if _split_of(f"{os.path.basename(path)}/{i}", seed, validation_fraction) == split:
           out.append({"id": doc_id, "text": doc})
   return out
 
