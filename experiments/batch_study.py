@@ -23,8 +23,9 @@ Argument: comma-separated key=value, all optional:
   seed         default 0
   quick        1: a micro model (d_model 32, 1 layer, seq 32, synthetic data) for tests
 
-Expected on 2 CPU cores (unloaded): ~10k tokens/s at B=4 (per-step overhead grows as B shrinks),
-so a default run (2048 steps) takes ~2 min plus ~20 s of compilation.
+Expected on 2 CPU cores (unloaded): ~8k tokens/s at any B (~7k at B=1, where per-step overhead
+shows), so a default run (2^20 tokens) takes ~2 min plus ~15 s of start-up and compilation; two
+runs at once (the study's --jobs=2) ~6.5k tokens/s each.
 """
 import math
 

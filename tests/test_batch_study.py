@@ -81,14 +81,16 @@ def fake_result(study, batch, tokens, sde, kappa_mult, loss, seed=0, clip=0.0):
   bits = {f"bits_per_token/{m}": loss / math.log(2) for m in ("text", "image", "audio", "all")}
   return run.name, dict(name=run.name, batch=run.batch, tokens=run.tokens, sde=run.sde,
                         kappa_mult=run.kappa_mult, seed=run.seed, clip=run.clip,
-                        steps=study.steps(batch, tokens), kappa=1.0, lr=3e-3, beta1=0.9,
+                        steps=study.steps(batch, tokens),
+                        kappa=run.batch / study.base_batch * (study.base_tokens / run.tokens) ** 0.44
+                        if run.sde else 1.0, lr=3e-3, beta1=0.9,
                         beta2=0.95, eps=1e-8, train_loss=loss, wall_s=1.0, diverged=diverged,
                         eval={} if diverged else {"loss": loss, **bits})
 
 
 def test_analysis_of_a_synthetic_study(tmp_path):
   """Runs whose losses follow known curves: the report recovers k0, B_crit, spreads, gamma."""
-  study = bs.Study(base_batch=16, base_tokens=D_BASE)
+  study = bs.Study(base_batch=16, base_tokens=D_BASE, other_bases=(0.5,))
   results = {}
 
   def add(*args, **kw):
@@ -110,6 +112,11 @@ def test_analysis_of_a_synthetic_study(tmp_path):
   add(study.base_batch, D_BASE, False, 16.0, math.inf)
   add(256, D_BASE, False, k0, math.inf)
   add(256, D_BASE, True, k0, math.inf)
+  # A grid from another base (k = 0.5), flat all the way: B_crit only bounded from below.
+  other_loss = float(optimum_curve([0.5], D_BASE)[0])
+  for b in (2, 4, 8, 32, 64):
+    add(b, D_BASE, True, 0.5, other_loss)
+    add(b, D_BASE, False, 0.5, other_loss * 1.03)
   # The smallest-B run again with clipping: reported beside its unclipped twin.
   add(2, D_BASE, True, k0, base_loss * 1.02, clip=1.0)
 
@@ -131,7 +138,19 @@ def test_analysis_of_a_synthetic_study(tmp_path):
                                          unclipped=pytest.approx(base_loss),
                                          rel_to_flat=pytest.approx(0.02))]
   text = bs.markdown(results, study, report)
-  assert "B_crit ~ 91" in text and "gamma = **0.44**" in text and "| diverged |" in text
+  other = report["other_bases"]["0.5"]
+  assert other["b_crit"] is None and other["b_crit_lower_bound"] == 64
+  assert other["reparam_spread"] == 0 and other["naive_spread"] == pytest.approx(0.03 / 1.025)
+  assert "B_crit ~ 90.5" in text and "gamma = **0.44**" in text and "| diverged |" in text
+  # Equal total kappa by two paths: at B = 32, k = 0.5 with kappa 2 (SDE) and k0 = 1 directly;
+  # at B = 8, k0 = 1 with kappa 0.5 (SDE) and k = 0.5 directly.
+  pairs = [(f"b8_d{D_BASE}_sde_k1", f"b8_d{D_BASE}_fixed_k0.5"),
+           (f"b32_d{D_BASE}_sde_k0.5", f"b32_d{D_BASE}_fixed_k1")]
+  assert [(t["sde_run"], t["direct_run"]) for t in report["twins"]] == pairs
+  for t, (a, b) in zip(report["twins"], pairs):
+    assert t["rel_diff"] == pytest.approx(results[a]["eval"]["loss"] / results[b]["eval"]["loss"] - 1)
+  assert report["twins"][1]["sde_loss"] == pytest.approx(other_loss)
+  assert f"b32_d{D_BASE}_sde_k0.5 (SDE)" in text
   paths = bs.plot(results, study, report, str(tmp_path))
   assert [os.path.basename(p) for p in paths] == ["batch_study.png", "batch_study_gamma.png"]
 

@@ -86,11 +86,11 @@ class Study:
   seq_len: int = 128
   base_batch: int = 4
   base_tokens: int = 2**20
-  batches: tuple = (1, 2, 4, 8, 16, 32, 64)
+  batches: tuple = (1, 2, 4, 8, 16)
   max_batch: int = 1024
   min_steps: int = 8                      # the grid does not grow past D / (L B) < min_steps
-  kappas: tuple = (0.25, 0.5, 1.0, 2.0, 4.0)
-  horizons: tuple = (0.5, 2.0)            # gamma: other horizons, multiples of base_tokens
+  kappas: tuple = (1.0, 2.0, 4.0)
+  horizons: tuple = (0.25, 0.5)           # gamma: other horizons, multiples of base_tokens
   # Their k sweeps: these multiples of k0 (D_base / D)^gamma_guess (the paper's gamma), grown
   # at a winning edge like the base sweep.
   horizon_kappas: tuple = (0.5, 1.0, 2.0)
@@ -99,8 +99,11 @@ class Study:
   tol: float = 0.015
   eval_rows: int = 1024
   seeds: int = 2
-  eval_seeds: int = 3
-  clip_control: float = 1.0               # the smallest-B reparameterised run again, clipped
+  eval_seeds: int = 2
+  clip_control: float = 0.0               # > 0: the smallest-B reparameterised run again, clipped
+  # The batch grid again from these other bases (multipliers k of the defaults), e.g. 1: the
+  # untuned defaults, to see whether the break follows the step count or the absolute kappa.
+  other_bases: tuple = (1.0,)
   quick: bool = False
 
   def run(self, batch, tokens=None, sde=False, kappa_mult=1.0, seed=0, clip=0.0) -> Run:
@@ -123,7 +126,7 @@ class Study:
 
 QUICK = dict(seq_len=32, base_batch=4, base_tokens=1024, batches=(4, 8), max_batch=8,
              kappas=(1.0,), horizons=(), max_extend=0, eval_rows=32, seeds=0, eval_seeds=0,
-             clip_control=0.0, quick=True, data="synthetic")
+             clip_control=0.0, other_bases=(), quick=True, data="synthetic")
 
 
 # ------------------------------------------------------------------------------ analysis
@@ -137,10 +140,11 @@ def spread(losses) -> float:
 
 
 def critical_batch(batches, losses, base_batch: int, tol: float) -> dict:
-  """Where the loss first rises above the flat level (mean over B <= base_batch) by `tol`.
+  """Where the loss first leaves the flat level (mean over B <= base_batch) by more than `tol`,
+  either way: flatness, not improvement, is the claim.
 
-  -> flat_level, rel (loss / flat - 1 per B), b_crit (log-B interpolation at rel = tol; None if
-  no point rises that far: then b_crit_lower_bound is the largest B), below (the Bs below it).
+  -> flat_level, rel (loss / flat - 1 per B), b_crit (log-B interpolation at |rel| = tol; None if
+  no point leaves the band: then b_crit_lower_bound is the largest B), below (the Bs below it).
   """
   order = np.argsort(batches)
   b = np.asarray(batches, np.float64)[order]
@@ -151,13 +155,14 @@ def critical_batch(batches, losses, base_batch: int, tol: float) -> dict:
   rel = loss / flat - 1.0
   out = dict(flat_level=flat, batches=b.tolist(), rel=rel.tolist(), b_crit=None,
              b_crit_lower_bound=None)
-  above = np.flatnonzero((b > base_batch) & (rel > tol))
+  dev = np.abs(rel)
+  above = np.flatnonzero((b > base_batch) & (dev > tol))
   if not len(above):
     out["b_crit_lower_bound"] = float(b.max())
     out["below"] = b.tolist()
     return out
   j = int(above[0])
-  r0, r1 = min(rel[j - 1], tol), rel[j]
+  r0, r1 = min(dev[j - 1], tol), dev[j]
   frac = (tol - r0) / (r1 - r0) if r1 > r0 else 0.0
   out["b_crit"] = float(math.exp(math.log(b[j - 1]) + frac * (math.log(b[j]) - math.log(b[j - 1]))))
   out["first_above"] = float(b[j])
@@ -256,10 +261,12 @@ def select(results: dict, study: Study) -> dict:
                       key=lambda r: r["kappa_mult"])
   k0 = min(base_sweep, key=_loss)["kappa_mult"] if base_sweep else None
 
-  def grid(sde):
+  def grid(sde, base=k0):
     return sorted((r for r in rs if r["tokens"] == study.base_tokens and r["seed"] == 0 and
-                   r["kappa_mult"] == k0 and (r["sde"] == sde or r["batch"] == study.base_batch)),
+                   r["kappa_mult"] == base and (r["sde"] == sde or r["batch"] == study.base_batch)),
                   key=lambda r: r["batch"])
+  others = {k: dict(reparam=grid(True, k), naive=grid(False, k))
+            for k in study.other_bases if k != k0}
   sweeps = {}
   for r in rs:
     if r["batch"] == study.base_batch and not r["sde"] and r["seed"] == 0:
@@ -268,8 +275,37 @@ def select(results: dict, study: Study) -> dict:
            and r["kappa_mult"] == k0 and not r["sde"]]
   clipped = [r for r in results.values() if _clip(r)]
   return dict(k0=k0, base_sweep=base_sweep, reparam=grid(True), naive=grid(False), clipped=clipped,
+              others=others,
               sweeps={d: sorted(v, key=lambda r: r["kappa_mult"]) for d, v in sorted(sweeps.items())},
               seed_runs=sorted(seeds, key=lambda r: r["seed"]))
+
+
+def batch_analysis(reparam: list, naive: list, study: Study) -> dict:
+  """Critical batch of the reparameterised grid; spreads of both grids below it."""
+  crit = critical_batch([r["batch"] for r in reparam], [_loss(r) for r in reparam],
+                        study.base_batch, study.tol)
+  below = set(crit["below"])
+  b_crit = crit["b_crit"]
+  crit["s_crit"] = (study.base_tokens / (study.seq_len * b_crit)) if b_crit else None
+  crit["s_crit_upper_bound"] = (study.base_tokens / (study.seq_len * crit["b_crit_lower_bound"])
+                                if crit["b_crit_lower_bound"] else None)
+  rep_below = [r for r in reparam if r["batch"] in below]
+  naive_below = [r for r in naive if r["batch"] in below]
+  crit["reparam_spread"] = spread([_loss(r) for r in rep_below]) if len(rep_below) > 1 else None
+  crit["naive_spread"] = spread([_loss(r) for r in naive_below]) if len(naive_below) > 1 else None
+  crit["span"] = (max(below) / min(below)) if below else None
+  crit["naive_rel"] = {int(r["batch"]): _loss(r) / crit["flat_level"] - 1.0 for r in naive}
+  crit["kappa_at_b_crit"] = None  # total multiplier of the defaults where flatness breaks
+  if b_crit and reparam:
+    r0 = reparam[0]
+    crit["kappa_at_b_crit"] = r0["kappa_mult"] * b_crit / study.base_batch
+  crit["per_modality"] = {
+      m: dict(reparam_spread=spread([_metric(r, f"bits_per_token/{m}") for r in rep_below])
+              if len(rep_below) > 1 else None,
+              naive_spread=spread([_metric(r, f"bits_per_token/{m}") for r in naive_below])
+              if len(naive_below) > 1 else None)
+      for m in MODALITIES}
+  return crit
 
 
 def analyse(results: dict, study: Study, noise: dict | None = None, n_boot: int = 400) -> dict:
@@ -283,29 +319,14 @@ def analyse(results: dict, study: Study, noise: dict | None = None, n_boot: int 
       rel_sd=float(np.std(seed_losses, ddof=1) / np.mean(seed_losses)) if len(seed_losses) > 1 else None,
       spread=spread(seed_losses) if len(seed_losses) > 1 else None)
   out["eval_noise"] = noise
-  # Batch grid.
+  # Batch grids: from the tuned base, and from the other bases.
   rep = g["reparam"]
+  out["other_bases"] = {}
+  for k, grids in g["others"].items():
+    if any(r["batch"] < study.base_batch for r in grids["reparam"]):
+      out["other_bases"][repr(k)] = batch_analysis(grids["reparam"], grids["naive"], study)
   if rep and any(r["batch"] <= study.base_batch for r in rep):
-    crit = critical_batch([r["batch"] for r in rep], [_loss(r) for r in rep], study.base_batch,
-                          study.tol)
-    below = set(crit["below"])
-    b_crit = crit["b_crit"]
-    crit["s_crit"] = (study.base_tokens / (study.seq_len * b_crit)) if b_crit else None
-    crit["s_crit_upper_bound"] = (study.base_tokens / (study.seq_len * crit["b_crit_lower_bound"])
-                                  if crit["b_crit_lower_bound"] else None)
-    rep_below = [r for r in rep if r["batch"] in below]
-    naive_below = [r for r in g["naive"] if r["batch"] in below]
-    crit["reparam_spread"] = spread([_loss(r) for r in rep_below]) if len(rep_below) > 1 else None
-    crit["naive_spread"] = spread([_loss(r) for r in naive_below]) if len(naive_below) > 1 else None
-    crit["span"] = (max(below) / min(below)) if below else None
-    crit["naive_rel"] = {int(r["batch"]): _loss(r) / crit["flat_level"] - 1.0 for r in g["naive"]}
-    crit["per_modality"] = {
-        m: dict(reparam_spread=spread([_metric(r, f"bits_per_token/{m}") for r in rep_below])
-                if len(rep_below) > 1 else None,
-                naive_spread=spread([_metric(r, f"bits_per_token/{m}") for r in naive_below])
-                if len(naive_below) > 1 else None)
-        for m in MODALITIES}
-    out["batch"] = crit
+    out["batch"] = crit = batch_analysis(rep, g["naive"], study)
     unclipped = {(r["batch"], r["sde"], r["kappa_mult"]): r for r in rep}
     out["clip_control"] = [
         dict(batch=r["batch"], clip=_clip(r), loss=_loss(r),
@@ -325,7 +346,30 @@ def analyse(results: dict, study: Study, noise: dict | None = None, n_boot: int 
   out["gamma"] = fit_gamma([t for t, _ in usable], [o["ln_k"] for _, o in usable], boot)
   out["gamma"]["horizons"] = [int(t) for t, _ in usable]
   out["gamma"]["all_bracketed"] = all(o["bracketed"] for _, o in usable)
+  out["twins"] = twins(results)
   return out
+
+
+def twins(results: dict) -> list[dict]:
+  """Pairs of runs with the same batch, horizon, seed and total kappa, one reached through the
+  SDE reparameterisation and one through k directly: the same hyperparameters by two code paths,
+  so their losses should agree to well within the seed noise."""
+  groups = {}
+  for r in results.values():
+    total_kappa = round(math.log(r["kappa_mult"] * r["kappa"]), 9)
+    key = (r["batch"], r["tokens"], r["seed"], _clip(r), total_kappa)
+    groups.setdefault(key, []).append(r)
+  out = []
+  for runs in groups.values():
+    sde = [r for r in runs if r["sde"]]
+    direct = [r for r in runs if not r["sde"]]
+    if sde and direct:
+      a, b = sde[0], direct[0]
+      out.append(dict(batch=a["batch"], tokens=a["tokens"], sde_run=a["name"],
+                      direct_run=b["name"], sde_loss=_loss(a),
+                      direct_loss=_loss(b), rel_diff=_loss(a) / _loss(b) - 1.0,
+                      lr_rel_diff=a["lr"] / b["lr"] - 1.0))
+  return sorted(out, key=lambda t: (t["tokens"], t["batch"], t["sde_run"]))
 
 
 # ------------------------------------------------------------------------------ running
@@ -414,28 +458,74 @@ def eval_noise(study: Study, run: Run, root: str, devices=None) -> dict:
 
 
 class Runner:
-  """Trains runs in order, printing progress; keeps every result by name."""
+  """Trains runs, `jobs` at a time (each in its own process when jobs > 1), printing progress;
+  keeps every result by name."""
 
-  def __init__(self, study: Study, root: str, devices=None):
-    self.study, self.root, self.devices = study, root, devices
+  def __init__(self, study: Study, root: str, devices=None, jobs: int = 1, child_args=()):
+    self.study, self.root, self.devices, self.jobs = study, root, devices, jobs
+    self.child_args = list(child_args)  # flags every child process gets (devices, jax cache)
     self.results: dict[str, dict] = {}
     self.trained = 0
 
+  def _report(self, run: Run, result: dict, trained: bool) -> None:
+    self.results[run.name] = result
+    self.trained += trained
+    print(f"  {'trained' if trained else 'have   '} {run.name}: loss {_loss(result):.4f} "
+          f"({result['wall_s']:.0f} s)", flush=True)
+
+  def _announce(self, run: Run) -> None:
+    print(f"  training {run.name} ({self.study.steps(run.batch, run.tokens)} steps) ...", flush=True)
+
   def ensure(self, runs) -> list[dict]:
-    out = []
-    for run in runs:
-      if run.name not in self.results:
-        done = os.path.exists(os.path.join(self.root, "runs", run.name, RESULT))
-        if not done:
-          steps = self.study.steps(run.batch, run.tokens)
-          print(f"  training {run.name} ({steps} steps) ...", flush=True)
-        result = train_run(self.study, run, self.root, self.devices)
-        self.trained += not done
-        print(f"  {'trained' if not done else 'have   '} {run.name}: loss {_loss(result):.4f} "
-              f"({result['wall_s']:.0f} s)", flush=True)
-        self.results[run.name] = result
-      out.append(self.results[run.name])
-    return out
+    runs = list(runs)
+    todo = [r for r in dict.fromkeys(runs) if r.name not in self.results]
+    missing = []
+    for run in todo:
+      if os.path.exists(os.path.join(self.root, "runs", run.name, RESULT)):
+        self._report(run, train_run(self.study, run, self.root), trained=False)
+      else:
+        missing.append(run)
+    if self.jobs <= 1:
+      for run in missing:
+        self._announce(run)
+        self._report(run, train_run(self.study, run, self.root, self.devices), trained=True)
+    else:
+      self._train_in_children(missing)
+    return [self.results[r.name] for r in runs]
+
+  def _train_in_children(self, runs: list[Run]) -> None:
+    pending, active, failed = list(runs), {}, []
+    try:
+      while pending or active:
+        while pending and len(active) < self.jobs:
+          run = pending.pop(0)
+          self._announce(run)
+          workdir = os.path.join(self.root, "runs", run.name)
+          os.makedirs(workdir, exist_ok=True)
+          log = open(os.path.join(workdir, "train.out"), "a")
+          spec = json.dumps(dict(study=dataclasses.asdict(self.study), run=dataclasses.asdict(run)))
+          cmd = [sys.executable, "-m", "tmdiff.scaling.batch_study",
+                 f"--out={os.path.abspath(self.root)}", f"--train_one={spec}"] + self.child_args
+          active[run] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log)
+        time.sleep(0.5)
+        for run, (proc, log) in list(active.items()):
+          if proc.poll() is None:
+            continue
+          log.close()
+          del active[run]
+          if proc.returncode:
+            failed.append(f"{run.name} (exit {proc.returncode}; log {log.name})")
+            print(f"  FAILED {failed[-1]}", flush=True)
+            pending.clear()  # finish the runs in flight, start no more
+          else:
+            self._report(run, train_run(self.study, run, self.root), trained=True)
+    finally:
+      for proc, log in active.values():
+        proc.terminate()
+        log.close()
+    if failed:
+      raise RuntimeError("batch study: runs failed: " + "; ".join(failed) + ". Finished runs are "
+                         "kept; re-running the command resumes.")
 
   def sweep(self, tokens, kappas) -> list[dict]:
     """The k sweep at (B_base, tokens), grown at a winning edge."""
@@ -453,14 +543,15 @@ class Runner:
       results += self.ensure([s.run(s.base_batch, tokens, kappa_mult=new)])
     return results
 
-  def batch_grid(self, k0) -> None:
+  def batch_grid(self, base) -> None:
+    """Reparameterised and naive runs from the base multiplier `base`, grown while flat."""
     s = self.study
     batches = sorted(s.batches)
     while True:
-      self.ensure(s.run(b, sde=sde, kappa_mult=k0) for b in batches for sde in (True, False))
-      g = select(self.results, s)
-      crit = critical_batch([r["batch"] for r in g["reparam"]],
-                            [_loss(r) for r in g["reparam"]], s.base_batch, s.tol)
+      runs = self.ensure(s.run(b, sde=sde, kappa_mult=base) for b in batches for sde in (True, False))
+      reparam = [r for r in runs if r["sde"] or r["batch"] == s.base_batch]
+      crit = critical_batch([r["batch"] for r in reparam], [_loss(r) for r in reparam],
+                            s.base_batch, s.tol)
       nxt = batches[-1] * 2
       if crit["b_crit"] is not None or nxt > s.max_batch or s.steps(nxt) < s.min_steps:
         return
@@ -468,37 +559,44 @@ class Runner:
       batches.append(nxt)
 
 
-def run_study(study: Study, root: str, devices=None) -> dict:
-  runner = Runner(study, root, devices)
+def run_study(study: Study, root: str, devices=None, jobs: int = 1, child_args=()) -> dict:
+  runner = Runner(study, root, devices, jobs, child_args)
   s = study
   print(f"[1/4] base tuning: k sweep at B_base={s.base_batch}, D_base={s.base_tokens:,}", flush=True)
   base = runner.sweep(s.base_tokens, s.kappas)
   k0 = min(base, key=_loss)["kappa_mult"]
   print(f"      tuned base k0={k0:g}", flush=True)
-  print(f"[2/4] batch grid at D_base, reparameterised and naive, B in {sorted(s.batches)}+",
-        flush=True)
-  runner.batch_grid(k0)
+  bases = [k0] + [k for k in s.other_bases if k != k0]
+  centres = {h: k0 * h ** -s.gamma_guess for h in s.horizons}
+  print(f"[2/4] batch grids at D_base from the bases k={', '.join(f'{k:g}' for k in bases)}, "
+        f"reparameterised and naive, B in {sorted(s.batches)}+; {s.seeds} more seeds of the base; "
+        f"gamma k sweeps at D = {[int(h * s.base_tokens) for h in s.horizons]}", flush=True)
+  # Everything that k0 decides, at once (in parallel when jobs > 1); then what grows.
+  planned = [s.run(b, sde=sde, kappa_mult=k) for k in bases for b in sorted(s.batches)
+             for sde in (True, False)]
+  planned += [s.run(s.base_batch, kappa_mult=k0, seed=i) for i in range(1, s.seeds + 1)]
+  if s.clip_control:
+    planned.append(s.run(min(s.batches), sde=True, kappa_mult=k0, clip=s.clip_control))
+  planned += [s.run(s.base_batch, int(round(h * s.base_tokens)), kappa_mult=c * k)
+              for h, c in centres.items() for k in s.horizon_kappas]
+  runner.ensure(planned)
+  for k in bases:
+    runner.batch_grid(k)
+  for h, c in centres.items():
+    runner.sweep(int(round(h * s.base_tokens)), [c * k for k in s.horizon_kappas])
   noise = None
-  if s.seeds or s.eval_seeds or s.clip_control:
-    print(f"[3/4] noise: base point with {s.seeds} more training seeds, {s.eval_seeds} eval seeds; "
-          f"clip control {s.clip_control:g}", flush=True)
-    runner.ensure(s.run(s.base_batch, kappa_mult=k0, seed=i) for i in range(1, s.seeds + 1))
-    if s.clip_control:
-      runner.ensure([s.run(min(s.batches), sde=True, kappa_mult=k0, clip=s.clip_control)])
-    if s.eval_seeds:
-      noise = {}
-      g = select(runner.results, s)
-      picks = [g["reparam"][0], g["naive"][0]] if g["reparam"] else []
-      base_run = s.run(s.base_batch, kappa_mult=k0)
-      for r in [runner.results[base_run.name]] + picks:
-        run = Run(r["batch"], r["tokens"], r["sde"], r["kappa_mult"], r["seed"])
-        if run.name not in noise:
-          noise[run.name] = {"0": _loss(r), **eval_noise(s, run, root, devices)}
-      noise = summarise_eval_noise(noise)
-  print(f"[4/4] gamma: k sweeps at D = {[int(h * s.base_tokens) for h in s.horizons]}", flush=True)
-  for h in s.horizons:
-    centre = k0 * h ** -s.gamma_guess
-    runner.sweep(int(round(h * s.base_tokens)), [centre * k for k in s.horizon_kappas])
+  if s.eval_seeds:
+    print(f"[3/4] eval noise: the base and the smallest-B runs under {s.eval_seeds} other eval "
+          "seeds", flush=True)
+    noise = {}
+    g = select(runner.results, s)
+    picks = [g["reparam"][0], g["naive"][0]] if g["reparam"] else []
+    for r in [runner.results[s.run(s.base_batch, kappa_mult=k0).name]] + picks:
+      run = Run(r["batch"], r["tokens"], r["sde"], r["kappa_mult"], r["seed"])
+      if run.name not in noise:
+        noise[run.name] = {"0": _loss(r), **eval_noise(s, run, root, devices)}
+    noise = summarise_eval_noise(noise)
+  print("[4/4] report", flush=True)
   return dict(results=runner.results, trained=runner.trained, noise=noise)
 
 
@@ -538,32 +636,42 @@ def _pct(x) -> str:
   return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
+def _batch_lines(b: dict) -> list[str]:
+  crit = (f"B_crit ~ {b['b_crit']:.1f} sequences (S_crit ~ {b['s_crit']:.0f} steps; first grid "
+          f"point above: B={b['first_above']:.0f}, {_pct(b['rel'][b['batches'].index(b['first_above'])])}"
+          f" above the flat level; total kappa there {b['kappa_at_b_crit']:.2g})"
+          if b["b_crit"] else
+          f"B_crit > {b['b_crit_lower_bound']:.0f} (not reached; S_crit < "
+          f"{b['s_crit_upper_bound']:.0f} steps)")
+  return [
+      f"- flat level (mean reparameterised loss, B <= B_base): {b['flat_level']:.4f} nats/token",
+      f"- {crit}",
+      f"- below B_crit (B = {', '.join(f'{x:.0f}' for x in b['below'])}; span {b['span']:.0f}x): "
+      f"reparameterised spread **{_pct(b['reparam_spread'])}**, naive spread "
+      f"**{_pct(b['naive_spread'])}** ((max - min) / mean of the final validation loss)",
+      "- naive runs relative to the flat level: " + ", ".join(
+          f"B={k} {100 * v:+.2f}%" for k, v in sorted(b["naive_rel"].items())),
+      "- per modality (bits/token), reparameterised / naive spread below B_crit: " + "; ".join(
+          f"{m} {_pct(v['reparam_spread'])} / {_pct(v['naive_spread'])}"
+          for m, v in b["per_modality"].items()),
+      ""]
+
+
 def markdown(results: dict, study: Study, report: dict) -> str:
   g = select(results, study)
   lines = []
   b = report.get("batch")
   if b:
     base = next(r for r in g["base_sweep"] if r["kappa_mult"] == g["k0"])
-    crit = (f"B_crit ~ {b['b_crit']:.0f} sequences (S_crit ~ {b['s_crit']:.0f} steps; first grid "
-            f"point above: B={b['first_above']:.0f})" if b["b_crit"] else
-            f"B_crit > {b['b_crit_lower_bound']:.0f} (not reached; S_crit < "
-            f"{b['s_crit_upper_bound']:.0f} steps)")
-    below = b["below"]
     lines += [
         f"Token horizon D = {study.base_tokens:,} tokens, L = {study.seq_len}, base B_base = "
         f"{study.base_batch}, base AdamW values reparameterised by k0 = {g['k0']:g} (lr "
         f"{base['lr']:.4g}, beta1 {base['beta1']:.4g}, beta2 {base['beta2']:.4g}, eps "
-        f"{base['eps']:.3g}); tolerance {100 * study.tol:.1f}%.",
-        "",
-        f"- flat level (mean reparameterised loss, B <= B_base): {b['flat_level']:.4f} nats/token",
-        f"- {crit}",
-        f"- below B_crit (B = {', '.join(f'{x:.0f}' for x in below)}; span {b['span']:.0f}x): "
-        f"reparameterised spread **{_pct(b['reparam_spread'])}**, naive spread "
-        f"**{_pct(b['naive_spread'])}** ((max - min) / mean of the final validation loss)",
-        "- per modality (bits/token), reparameterised / naive spread below B_crit: " + "; ".join(
-            f"{m} {_pct(v['reparam_spread'])} / {_pct(v['naive_spread'])}"
-            for m, v in b["per_modality"].items()),
-    ]
+        f"{base['eps']:.3g}); tolerance {100 * study.tol:.1f}%.", "",
+        f"From the tuned base (k0 = {g['k0']:g}):"] + _batch_lines(b)
+    for k, other in report.get("other_bases", {}).items():
+      lines += [f"From the base k = {float(k):g} (lr {3e-3 * math.sqrt(float(k)):.4g}, betas "
+                f"{0.9 ** float(k):.4g} / {0.95 ** float(k):.4g}):"] + _batch_lines(other)
   for c in report.get("clip_control", []):
     lines.append(f"- clip control: B = {c['batch']} reparameterised with gradient clipping at "
                  f"{c['clip']:g}: loss {c['loss']:.4f} vs {c['unclipped']:.4f} without "
@@ -578,6 +686,10 @@ def markdown(results: dict, study: Study, report: dict) -> str:
     lines.append("- eval noise (same rows, other eval-mask seeds): sd " + ", ".join(
         f"{_pct(v)} ({n})" for n, v in en["rel_sd"].items()) + "; paired differences: sd " +
         ", ".join(f"{_pct(v)} ({n})" for n, v in en["paired_diff_rel_sd"].items()))
+  for t in report.get("twins", []):
+    lines.append(f"- same hyperparameters by two code paths: {t['sde_run']} (SDE) {t['sde_loss']:.4f}"
+                 f" vs {t['direct_run']} (k directly) {t['direct_loss']:.4f}: "
+                 f"{100 * t['rel_diff']:+.2f}%")
   gm = report["gamma"]
   if gm.get("gamma") is not None:
     ci = (f" +- {gm['gamma_sd']:.2f} (bootstrap sd; 68% interval {gm['gamma_68'][0]:.2f}.."
@@ -596,6 +708,8 @@ def markdown(results: dict, study: Study, report: dict) -> str:
   lines += ["", "| group | B | steps | D | sde | k | kappa | lr | beta1 | beta2 | loss (nats) | "
             "text | image | audio (bits) | wall (s) |", "|" + "---|" * 15]
   groups = [("reparam", g["reparam"]), ("naive", g["naive"])]
+  for k, grids in g["others"].items():
+    groups += [(f"reparam k={k:g}", grids["reparam"]), (f"naive k={k:g}", grids["naive"])]
   groups += [(f"k sweep", runs) for _, runs in g["sweeps"].items()]
   groups += [("seed", [r for r in g["seed_runs"] if r["seed"]])]
   groups += [(f"clip {_clip(r):g}", [r]) for r in g["clipped"]]
@@ -613,6 +727,12 @@ def markdown(results: dict, study: Study, report: dict) -> str:
   walls = [r["wall_s"] for r in results.values()]
   lines += ["", f"{len(walls)} runs, {sum(walls) / 60:.1f} min of training and eval in all "
             f"(per run {min(walls):.0f}-{max(walls):.0f} s, compilation included)."]
+  calls = [c for c in report.get("invocations", []) if c["trained"]]
+  if calls:
+    lines.append(f"The study command trained them in {len(calls)} invocation(s) taking "
+                 f"{sum(c['seconds'] for c in calls) / 60:.1f} min of wall time in all ("
+                 + ", ".join(f"{c['date']}: {c['seconds'] / 60:.1f} min, {c['trained']} runs, "
+                             f"{c['jobs']} jobs on {c['cpus']} CPUs" for c in calls) + ").")
   if any(r.get("resumed") for r in results.values()):
     lines.append("*: resumed from a checkpoint after an interruption; the time is that of the "
                  "last attempt only.")
@@ -628,28 +748,38 @@ def plot(results: dict, study: Study, report: dict, out_dir: str) -> list[str]:
   paths = []
   b = report.get("batch")
   if b:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    flat = b["flat_level"]
-    for ax, rel in zip(axes, (False, True)):
-      for label, runs, style in (("SDE reparameterised", g["reparam"], "o-"),
-                                 ("naive (base lr/betas/eps)", g["naive"], "s--")):
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4))
+    grids = [(g["k0"], g["reparam"], g["naive"], b)]
+    grids += [(k, v["reparam"], v["naive"], report["other_bases"][repr(k)])
+              for k, v in g["others"].items() if repr(k) in report["other_bases"]]
+    for i, (k, reparam, naive, crit) in enumerate(grids):
+      colour = f"C{i}"
+      name = f"base k={k:g}" + (" (tuned)" if i == 0 else "")
+      for label, runs, style in ((f"SDE reparameterised, {name}", reparam, "o-"),
+                                 (f"naive, {name}", naive, "s--")):
         runs = [r for r in runs if not r.get("diverged")]
-        x = [r["batch"] for r in runs]
-        y = [_loss(r) for r in runs]
-        y = [100 * (v / flat - 1) for v in y] if rel else y
-        ax.plot(x, y, style, label=label, ms=5)
-      level = 0.0 if rel else flat
-      band = 100 * study.tol if rel else flat * study.tol
-      ax.axhspan(level - band, level + band, color="0.85", label=f"flat level +- {100 * study.tol:g}%")
-      ax.axvline(study.base_batch, color="0.5", ls="--", lw=0.8, label=f"B_base = {study.base_batch}")
-      if b["b_crit"]:
-        ax.axvline(b["b_crit"], color="r", ls=":", label=f"B_crit ~ {b['b_crit']:.0f}")
-      ax.set_xscale("log", base=2)
-      ax.set_xlabel(f"physical batch B (sequences of {study.seq_len}); D = {study.base_tokens:,}")
-      ax.set_ylabel("final val loss - flat level (%)" if rel else "final val loss (nats/token)")
-    axes[0].legend(fontsize=8)
-    axes[0].set_title("fixed token horizon: loss vs physical batch")
-    axes[1].set_title("relative to the flat level")
+        axes[0].plot([r["batch"] for r in runs], [_loss(r) for r in runs], style, color=colour,
+                     label=label, ms=5, mfc=colour if style == "o-" else "white")
+      runs = [r for r in reparam if not r.get("diverged")]
+      axes[1].plot([k * r["batch"] / study.base_batch for r in runs],
+                   [100 * (_loss(r) / crit["flat_level"] - 1) for r in runs], "o-", color=colour,
+                   label=f"SDE reparameterised, {name}", ms=5)
+    flat = b["flat_level"]
+    axes[0].axhspan(flat * (1 - study.tol), flat * (1 + study.tol), color="0.88",
+                    label=f"tuned flat level +- {100 * study.tol:g}%")
+    axes[0].axvline(study.base_batch, color="0.5", ls="--", lw=0.8, label=f"B_base = {study.base_batch}")
+    if b["b_crit"]:
+      axes[0].axvline(b["b_crit"], color="r", ls=":", label=f"B_crit ~ {b['b_crit']:.1f} (tuned)")
+    axes[0].set(xscale="log", xlabel=f"physical batch B (sequences of {study.seq_len}); "
+                f"D = {study.base_tokens:,}", ylabel="final val loss (nats/token)",
+                title="fixed token horizon: loss vs physical batch")
+    axes[0].set_xscale("log", base=2)
+    axes[1].axhspan(-100 * study.tol, 100 * study.tol, color="0.88", label=f"+- {100 * study.tol:g}%")
+    axes[1].set_xscale("log", base=2)
+    axes[1].set(xlabel="total kappa = k B / B_base (lr x sqrt, beta^kappa of the defaults)",
+                ylabel="loss - own flat level (%)", title="reparameterised runs vs total kappa")
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
     paths.append(plots._save(fig, os.path.join(out_dir, "batch_study.png")))
   if g["sweeps"] and any(len(v) > 1 for v in g["sweeps"].values()):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -689,8 +819,27 @@ def plot(results: dict, study: Study, report: dict, out_dir: str) -> list[str]:
   return paths
 
 
-def write_report(results: dict, study: Study, noise, out_dir: str) -> dict:
+INVOCATIONS = "invocations.jsonl"
+
+
+def record_invocation(root: str, seconds: float, trained: int, jobs: int) -> None:
+  """Appends this command's wall time to OUT/invocations.jsonl (the study's total cost)."""
+  with open(os.path.join(root, INVOCATIONS), "a") as f:
+    f.write(json.dumps(dict(date=time.strftime("%Y-%m-%d %H:%M"), seconds=round(seconds, 1),
+                            trained=trained, jobs=jobs, cpus=os.cpu_count())) + "\n")
+
+
+def invocations(root: str) -> list[dict]:
+  path = os.path.join(root, INVOCATIONS)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def write_report(results: dict, study: Study, noise, out_dir: str, calls=()) -> dict:
   report = analyse(results, study, noise)
+  report["invocations"] = list(calls)
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "batch_study.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
@@ -755,7 +904,12 @@ def main(argv=None):
   p.add_argument("--eval_seeds", type=int, default=Study.eval_seeds)
   p.add_argument("--clip_control", type=float, default=Study.clip_control,
                  help="clip norm of the control run (0: no control run)")
+  p.add_argument("--other_bases", default=",".join(f"{k:g}" for k in Study.other_bases),
+                 help="the batch grid again from these base multipliers k ('' for none)")
+  p.add_argument("--jobs", type=int, default=2,
+                 help="runs trained at once, each in its own process (1: in this process)")
   p.add_argument("--analyse_only", action="store_true", help="report on the finished runs only")
+  p.add_argument("--train_one", default="", help=argparse.SUPPRESS)  # a child of --jobs > 1
   p.add_argument("--jax_cache", default="DEFAULT",
                  help="persistent compilation cache (default OUT/jax_cache; '' = off): init and "
                  "eval steps repeat across runs")
@@ -773,6 +927,12 @@ def main(argv=None):
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  devices = jax.devices()[:args.devices] if args.devices else None
+  if args.train_one:
+    spec = json.loads(args.train_one)
+    study = Study(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["study"].items()})
+    train_run(study, Run(**spec["run"]), args.out, devices)
+    return
   if args.quick:
     study = Study(**QUICK)
   else:
@@ -785,8 +945,8 @@ def main(argv=None):
     study = Study(data=data, base_batch=args.base_batch, base_tokens=args.base_tokens,
                   batches=tuple(int(v) for v in args.batches.split(",")),
                   kappas=floats(args.kappas), horizons=floats(args.horizons), tol=args.tol,
-                  seeds=args.seeds, eval_seeds=args.eval_seeds, clip_control=args.clip_control)
-  devices = jax.devices()[:args.devices] if args.devices else None
+                  seeds=args.seeds, eval_seeds=args.eval_seeds, clip_control=args.clip_control,
+                  other_bases=floats(args.other_bases))
   start = time.perf_counter()
   if args.analyse_only:
     results = {}
@@ -804,8 +964,12 @@ def main(argv=None):
     state = dict(results=results, trained=0,
                  noise=summarise_eval_noise(noise_raw) if noise_raw else None)
   else:
-    state = run_study(study, args.out, devices)
-  written = write_report(state["results"], study, state["noise"], os.path.join(args.out, "report"))
+    child_args = [f"--devices={args.devices}",
+                  f"--jax_cache={os.path.abspath(cache) if cache else ''}"]
+    state = run_study(study, args.out, devices, args.jobs, child_args)
+    record_invocation(args.out, time.perf_counter() - start, state["trained"], args.jobs)
+  written = write_report(state["results"], study, state["noise"], os.path.join(args.out, "report"),
+                         invocations(args.out))
   if args.docs:
     update_docs(args.docs, written["markdown"], written["plots"])
   print(written["markdown"])
