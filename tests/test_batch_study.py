@@ -88,6 +88,13 @@ def fake_result(study, batch, tokens, sde, kappa_mult, loss, seed=0, clip=0.0):
                         eval={} if diverged else {"loss": loss, **bits})
 
 
+def test_expected_range_of_normal_draws():
+  assert bs.expected_range(2) == pytest.approx(2 / math.sqrt(math.pi), rel=1e-6)
+  assert bs.expected_range(3) == pytest.approx(3 / math.sqrt(math.pi), rel=1e-6)
+  draws = np.random.default_rng(0).normal(size=(20000, 5))
+  assert bs.expected_range(5) == pytest.approx(np.ptp(draws, axis=1).mean(), rel=0.01)
+
+
 def test_analysis_of_a_synthetic_study(tmp_path):
   """Runs whose losses follow known curves: the report recovers k0, B_crit, spreads, gamma."""
   study = bs.Study(base_batch=16, base_tokens=D_BASE, other_bases=(0.5,))
@@ -142,6 +149,7 @@ def test_analysis_of_a_synthetic_study(tmp_path):
   assert other["b_crit"] is None and other["b_crit_lower_bound"] == 64
   assert other["reparam_spread"] == 0 and other["naive_spread"] == pytest.approx(0.03 / 1.025)
   assert "B_crit ~ 90.5" in text and "gamma = **0.44**" in text and "| diverged |" in text
+  assert "the grid resolves flatness" in text
   # Equal total kappa by two paths: at B = 32, k = 0.5 with kappa 2 (SDE) and k0 = 1 directly;
   # at B = 8, k0 = 1 with kappa 0.5 (SDE) and k = 0.5 directly.
   pairs = [(f"b8_d{D_BASE}_sde_k1", f"b8_d{D_BASE}_fixed_k0.5"),

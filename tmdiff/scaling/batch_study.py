@@ -271,13 +271,25 @@ def select(results: dict, study: Study) -> dict:
   for r in rs:
     if r["batch"] == study.base_batch and not r["sde"] and r["seed"] == 0:
       sweeps.setdefault(r["tokens"], []).append(r)
-  seeds = [r for r in rs if r["batch"] == study.base_batch and r["tokens"] == study.base_tokens
-           and r["kappa_mult"] == k0 and not r["sde"]]
+  seeds = {k: sorted((r for r in rs if r["batch"] == study.base_batch and
+                       r["tokens"] == study.base_tokens and r["kappa_mult"] == k and not r["sde"]),
+                      key=lambda r: r["seed"])
+           for k in [k0] + list(others)}
   clipped = [r for r in results.values() if _clip(r)]
   return dict(k0=k0, base_sweep=base_sweep, reparam=grid(True), naive=grid(False), clipped=clipped,
               others=others,
               sweeps={d: sorted(v, key=lambda r: r["kappa_mult"]) for d, v in sorted(sweeps.items())},
-              seed_runs=sorted(seeds, key=lambda r: r["seed"]))
+              seed_runs=seeds.get(k0, []), seeds_by_base=seeds)
+
+
+def seed_noise(runs: list) -> dict:
+  """Spread of the final loss over runs that differ only by seed."""
+  losses = [_loss(r) for r in runs]
+  many = len(losses) > 1
+  return dict(losses=losses, seeds=[r["seed"] for r in runs],
+              sd=float(np.std(losses, ddof=1)) if many else None,
+              rel_sd=float(np.std(losses, ddof=1) / np.mean(losses)) if many else None,
+              spread=spread(losses) if many else None)
 
 
 def batch_analysis(reparam: list, naive: list, study: Study) -> dict:
@@ -312,12 +324,7 @@ def analyse(results: dict, study: Study, noise: dict | None = None, n_boot: int 
   g = select(results, study)
   out = dict(k0=g["k0"], tol=study.tol, seq_len=study.seq_len, base_batch=study.base_batch,
              base_tokens=study.base_tokens)
-  seed_losses = [_loss(r) for r in g["seed_runs"]]
-  out["seed_noise"] = dict(
-      losses=seed_losses, seeds=[r["seed"] for r in g["seed_runs"]],
-      sd=float(np.std(seed_losses, ddof=1)) if len(seed_losses) > 1 else None,
-      rel_sd=float(np.std(seed_losses, ddof=1) / np.mean(seed_losses)) if len(seed_losses) > 1 else None,
-      spread=spread(seed_losses) if len(seed_losses) > 1 else None)
+  out["seed_noise"] = seed_noise(g["seed_runs"])
   out["eval_noise"] = noise
   # Batch grids: from the tuned base, and from the other bases.
   rep = g["reparam"]
@@ -325,6 +332,7 @@ def analyse(results: dict, study: Study, noise: dict | None = None, n_boot: int 
   for k, grids in g["others"].items():
     if any(r["batch"] < study.base_batch for r in grids["reparam"]):
       out["other_bases"][repr(k)] = batch_analysis(grids["reparam"], grids["naive"], study)
+      out["other_bases"][repr(k)]["seed_noise"] = seed_noise(g["seeds_by_base"][k])
   if rep and any(r["batch"] <= study.base_batch for r in rep):
     out["batch"] = crit = batch_analysis(rep, g["naive"], study)
     unclipped = {(r["batch"], r["sde"], r["kappa_mult"]): r for r in rep}
@@ -569,12 +577,13 @@ def run_study(study: Study, root: str, devices=None, jobs: int = 1, child_args=(
   bases = [k0] + [k for k in s.other_bases if k != k0]
   centres = {h: k0 * h ** -s.gamma_guess for h in s.horizons}
   print(f"[2/4] batch grids at D_base from the bases k={', '.join(f'{k:g}' for k in bases)}, "
-        f"reparameterised and naive, B in {sorted(s.batches)}+; {s.seeds} more seeds of the base; "
+        f"reparameterised and naive, B in {sorted(s.batches)}+; {s.seeds} more seeds of each base; "
         f"gamma k sweeps at D = {[int(h * s.base_tokens) for h in s.horizons]}", flush=True)
   # Everything that k0 decides, at once (in parallel when jobs > 1); then what grows.
   planned = [s.run(b, sde=sde, kappa_mult=k) for k in bases for b in sorted(s.batches)
              for sde in (True, False)]
-  planned += [s.run(s.base_batch, kappa_mult=k0, seed=i) for i in range(1, s.seeds + 1)]
+  planned += [s.run(s.base_batch, kappa_mult=k, seed=i) for k in bases
+              for i in range(1, s.seeds + 1)]
   if s.clip_control:
     planned.append(s.run(min(s.batches), sde=True, kappa_mult=k0, clip=s.clip_control))
   planned += [s.run(s.base_batch, int(round(h * s.base_tokens)), kappa_mult=c * k)
@@ -632,14 +641,40 @@ def _row(r) -> dict:
               wall_s=r["wall_s"])
 
 
+def expected_range(n: int) -> float:
+  """E[max - min] of n standard normal draws: the integral of 1 - Phi^n - (1 - Phi)^n."""
+  if n < 2:
+    return 0.0
+  x = np.linspace(-9.0, 9.0, 18001)
+  cdf = 0.5 * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+  return float(np.trapezoid(1.0 - cdf ** n - (1.0 - cdf) ** n, x))
+
+
 def _pct(x) -> str:
   return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
+def _noise_lines(b: dict, sn: dict, tol: float) -> list[str]:
+  if sn["sd"] is None:
+    return []
+  lines = [f"- training-seed noise at this base (seeds {sn['seeds']}): sd {_pct(sn['rel_sd'])} "
+           f"of the loss, spread {_pct(sn['spread'])}"]
+  if len(b["below"]) > 1:
+    noise_spread = expected_range(len(b["below"])) * sn["rel_sd"]
+    lines.append(
+        f"- resolution: {len(b['below'])} runs differing by seed noise alone would spread by "
+        f"~{_pct(noise_spread)}; against the {100 * tol:g}% tolerance the grid "
+        + ("resolves flatness." if noise_spread < tol else
+           "**cannot** tell flat from not flat with one seed per point: more seeds per point "
+           "(or a longer horizon) are needed."))
+  return lines
+
+
 def _batch_lines(b: dict) -> list[str]:
+  first_rel = b["rel"][b["batches"].index(b["first_above"])] if b["b_crit"] else None
   crit = (f"B_crit ~ {b['b_crit']:.1f} sequences (S_crit ~ {b['s_crit']:.0f} steps; first grid "
-          f"point above: B={b['first_above']:.0f}, {_pct(b['rel'][b['batches'].index(b['first_above'])])}"
-          f" above the flat level; total kappa there {b['kappa_at_b_crit']:.2g})"
+          f"point outside the band: B={b['first_above']:.0f}, {100 * first_rel:+.2f}% from the "
+          f"flat level; total kappa there {b['kappa_at_b_crit']:.2g})"
           if b["b_crit"] else
           f"B_crit > {b['b_crit_lower_bound']:.0f} (not reached; S_crit < "
           f"{b['s_crit_upper_bound']:.0f} steps)")
@@ -668,19 +703,17 @@ def markdown(results: dict, study: Study, report: dict) -> str:
         f"{study.base_batch}, base AdamW values reparameterised by k0 = {g['k0']:g} (lr "
         f"{base['lr']:.4g}, beta1 {base['beta1']:.4g}, beta2 {base['beta2']:.4g}, eps "
         f"{base['eps']:.3g}); tolerance {100 * study.tol:.1f}%.", "",
-        f"From the tuned base (k0 = {g['k0']:g}):"] + _batch_lines(b)
+        f"From the tuned base (k0 = {g['k0']:g}):"] + _batch_lines(b)[:-1]
+    lines += _noise_lines(b, report["seed_noise"], study.tol) + [""]
     for k, other in report.get("other_bases", {}).items():
       lines += [f"From the base k = {float(k):g} (lr {3e-3 * math.sqrt(float(k)):.4g}, betas "
-                f"{0.9 ** float(k):.4g} / {0.95 ** float(k):.4g}):"] + _batch_lines(other)
+                f"{0.9 ** float(k):.4g} / {0.95 ** float(k):.4g}):"] + _batch_lines(other)[:-1]
+      lines += _noise_lines(other, other["seed_noise"], study.tol) + [""]
   for c in report.get("clip_control", []):
     lines.append(f"- clip control: B = {c['batch']} reparameterised with gradient clipping at "
                  f"{c['clip']:g}: loss {c['loss']:.4f} vs {c['unclipped']:.4f} without "
                  f"({_pct(c['loss'] / c['unclipped'] - 1)}; {_pct(c['rel_to_flat'])} from the "
                  "flat level)")
-  sn = report["seed_noise"]
-  if sn["sd"] is not None:
-    lines.append(f"- training-seed noise at the base point (seeds {sn['seeds']}): sd "
-                 f"{_pct(sn['rel_sd'])} of the loss, spread {_pct(sn['spread'])}")
   en = report.get("eval_noise")
   if en and "rel_sd" in en:
     lines.append("- eval noise (same rows, other eval-mask seeds): sd " + ", ".join(
@@ -711,7 +744,8 @@ def markdown(results: dict, study: Study, report: dict) -> str:
   for k, grids in g["others"].items():
     groups += [(f"reparam k={k:g}", grids["reparam"]), (f"naive k={k:g}", grids["naive"])]
   groups += [(f"k sweep", runs) for _, runs in g["sweeps"].items()]
-  groups += [("seed", [r for r in g["seed_runs"] if r["seed"]])]
+  groups += [(f"seed k={k:g}", [r for r in runs if r["seed"]])
+             for k, runs in g["seeds_by_base"].items()]
   groups += [(f"clip {_clip(r):g}", [r]) for r in g["clipped"]]
   for label, runs in groups:
     for r in runs:
@@ -760,6 +794,11 @@ def plot(results: dict, study: Study, report: dict, out_dir: str) -> list[str]:
         runs = [r for r in runs if not r.get("diverged")]
         axes[0].plot([r["batch"] for r in runs], [_loss(r) for r in runs], style, color=colour,
                      label=label, ms=5, mfc=colour if style == "o-" else "white")
+      seeded = [r for r in g["seeds_by_base"].get(k, []) if r["seed"] and not r.get("diverged")]
+      if seeded:  # the base point's other seeds: the noise every grid point carries
+        axes[0].plot([study.base_batch * 1.06 ** (i + 1) for i in range(len(seeded))],
+                     [_loss(r) for r in seeded], "x", color=colour, ms=7,
+                     label=f"base k={k:g}, other seeds")
       runs = [r for r in reparam if not r.get("diverged")]
       axes[1].plot([k * r["batch"] / study.base_batch for r in runs],
                    [100 * (_loss(r) / crit["flat_level"] - 1) for r in runs], "o-", color=colour,
