@@ -20,7 +20,9 @@ Argument: comma-separated key=value, all optional:
   eval_rows    validation rows of the final eval, the same rows and masks for every batch
                (data.eval_batches = eval_rows / B; default 1024)
   data         a `python -m tmdiff.data.prepare` directory, or 'synthetic' (default)
-  seed         default 0
+  seed         default 0 (every source of randomness)
+  mask_seed    >= 0: the seed of the training masks and times alone (config.seeds.masks);
+               init, data order and eval keep `seed` (default -1: off)
   quick        1: a micro model (d_model 32, 1 layer, seq 32, synthetic data) for tests
 
 Expected on 2 CPU cores (unloaded): ~8k tokens/s at any B (~7k at B=1, where per-step overhead
@@ -33,10 +35,10 @@ from experiments import tiny
 from tmdiff.configs.derived import reparameterise
 
 KEYS = ("batch", "tokens", "sde", "kappa_mult", "base_batch", "base_tokens", "gamma", "seq",
-        "eval_rows", "clip", "data", "seed", "quick")
+        "eval_rows", "clip", "data", "seed", "mask_seed", "quick")
 DEFAULTS = dict(batch="4", tokens=str(2**20), sde="0", kappa_mult="1", base_batch="4",
                 base_tokens=str(2**20), gamma="0.44", seq="128", eval_rows="1024", clip="0",
-                data="synthetic", seed="0", quick="0")
+                data="synthetic", seed="0", mask_seed="-1", quick="0")
 QUICK_DEFAULTS = dict(batch="4", tokens="1024", base_batch="4", base_tokens="1024", seq="32",
                       eval_rows="32")
 
@@ -68,6 +70,8 @@ def get_config(arg: str = ""):
     raise ValueError(f"experiments/batch_study.py: eval_rows={eval_rows} must be a multiple of "
                      f"batch={batch} (every run evaluates the same rows)")
   c.seed = int(a["seed"])
+  if int(a["mask_seed"]) >= 0:
+    c.seeds.masks = int(a["mask_seed"])
   c.data.seq_len = seq
   c.data.global_batch = batch
   c.data.eval_batches = eval_rows // batch

@@ -75,12 +75,13 @@ def test_gamma_fit_recovers_a_known_gamma():
   assert bs.fit_gamma([D_BASE], [0.0])["gamma"] is None
 
 
-def fake_result(study, batch, tokens, sde, kappa_mult, loss, seed=0, clip=0.0):
-  run = study.run(batch, tokens, sde, kappa_mult, seed, clip)
+def fake_result(study, batch, tokens, sde, kappa_mult, loss, seed=0, clip=0.0, mask_seed=-1):
+  run = study.run(batch, tokens, sde, kappa_mult, seed, clip, mask_seed)
   diverged = not math.isfinite(loss)
   bits = {f"bits_per_token/{m}": loss / math.log(2) for m in ("text", "image", "audio", "all")}
   return run.name, dict(name=run.name, batch=run.batch, tokens=run.tokens, sde=run.sde,
                         kappa_mult=run.kappa_mult, seed=run.seed, clip=run.clip,
+                        mask_seed=run.mask_seed,
                         steps=study.steps(batch, tokens),
                         kappa=run.batch / study.base_batch * (study.base_tokens / run.tokens) ** 0.44
                         if run.sde else 1.0, lr=3e-3, beta1=0.9,
@@ -115,6 +116,9 @@ def test_analysis_of_a_synthetic_study(tmp_path):
       add(b, D_BASE, False, k0, float(loss * (1 + 0.01 * abs(math.log2(b / 16)))))
   add(study.base_batch, D_BASE, False, k0, base_loss * 1.002, seed=1)
   add(study.base_batch, D_BASE, False, k0, base_loss * 0.998, seed=2)
+  # Training-mask noise (init, data and eval fixed): 0.1% either way.
+  add(study.base_batch, D_BASE, False, k0, base_loss * 1.001, mask_seed=1)
+  add(study.base_batch, D_BASE, False, k0, base_loss * 0.999, mask_seed=2)
   # A diverged sweep point and a diverged naive run: left out of the fits, above B_crit.
   add(study.base_batch, D_BASE, False, 16.0, math.inf)
   add(256, D_BASE, False, k0, math.inf)
@@ -139,6 +143,8 @@ def test_analysis_of_a_synthetic_study(tmp_path):
   naive.append(base_loss * 1.01 * 1.02)
   assert b["naive_spread"] == pytest.approx(bs.spread(naive))
   assert report["seed_noise"]["spread"] == pytest.approx(0.004, rel=1e-6)
+  assert report["mask_noise"]["spread"] == pytest.approx(0.002, rel=1e-6)
+  assert report["mask_noise"]["rel_sd"] == pytest.approx(0.001, rel=1e-6)
   assert report["gamma"]["gamma"] == pytest.approx(GAMMA, abs=1e-6)
   assert report["gamma"]["horizons"] == [D_BASE // 2, D_BASE, 2 * D_BASE]
   assert report["clip_control"] == [dict(batch=2, clip=1.0, loss=pytest.approx(base_loss * 1.02),
@@ -180,6 +186,8 @@ def test_experiment_file_reparameterises_from_the_base():
   assert longer.kappa == pytest.approx(0.5) and longer.steps == 4 * base.steps
   assert experiment.get_config("clip=1.0").optim.clip_norm == 1.0
   assert experiment.get_config("").optim.clip_norm == 0.0
+  assert experiment.get_config("mask_seed=3").seeds.masks == 3
+  assert experiment.get_config("seed=5").seeds.masks == -1  # -1: follows config.seed
   with pytest.raises(ValueError, match="eval_rows=1000 must be a multiple of batch=16"):
     experiment.get_config("batch=16,eval_rows=1000")
   with pytest.raises(ValueError, match="bad argument 'bacth=4'"):

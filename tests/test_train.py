@@ -159,6 +159,46 @@ def test_ema_tracks_the_parameters():
                jax.device_get(state["ema"]), expected)
 
 
+def test_seed_purposes_vary_only_their_own_randomness():
+  """seeds.<purpose> changes that source alone: init -> parameters, data -> training batch
+  order, masks -> the step's corruption, eval -> the eval masks and times."""
+  from tmdiff.eval import elbo as elbo_lib
+
+  def outcomes(need, **seeds):
+    c = tiny_config(**{"model.n_layers": 1, "data.seq_len": 16, "data.global_batch": 4})
+    c.seeds.update(seeds)
+    trainer = Trainer(c, make_mesh(c, jax.devices()[:1]))
+    state = trainer.init_state()
+    batch = next(iter(pipeline.make_dataset(c, "train")))
+    out = dict(params=jax.device_get(state["params"]), batch=batch)
+    if "step_loss" in need:
+      _, metrics = trainer.compile_train_step()(state, trainer.put_batch(batch))
+      out["step_loss"] = float(metrics["loss"])
+    if "eval" in need:
+      rows = elbo_lib.validation_rows(c, 8)
+      out["eval"] = elbo_lib.evaluate_rows(trainer, state["params"], rows, batch_size=4)["loss"]
+    return out
+
+  def same(a, b, key):
+    if key in ("params", "batch"):
+      return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a[key]),
+                                                        jax.tree.leaves(b[key])))
+    return a[key] == b[key]
+
+  base = outcomes({"step_loss", "eval"})
+  # purpose -> (what it must change, what it must leave alone)
+  expect = {"init": ({"params"}, {"batch"}),
+            "data": ({"batch"}, {"params", "eval"}),
+            "masks": ({"step_loss"}, {"params", "batch"}),
+            "eval": ({"eval"}, {"params", "batch"})}
+  for purpose, (changed, kept) in expect.items():
+    other = outcomes(changed | kept, **{purpose: 7})
+    for key in changed:
+      assert not same(base, other, key), (purpose, key)
+    for key in kept:
+      assert same(base, other, key), (purpose, key)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILL_OVERRIDES = {"model.d_model": 64, "model.d_ff": 128, "model.n_heads": 4, "model.n_kv_heads": 2,
                   "model.head_dim": 16, "model.base_width": 64, "data.seq_len": 32,

@@ -10,6 +10,8 @@ import ml_collections as mlc
 def get_base_config() -> mlc.ConfigDict:
   c = mlc.ConfigDict()
   c.seed = 0
+  # Per-purpose seeds (-1: `seed`): set one to vary only that source of randomness.
+  c.seeds = mlc.ConfigDict(dict(init=-1, data=-1, masks=-1, eval=-1))
 
   # Unified vocabulary sizes (tmdiff.data.vocab.VocabLayout).
   c.vocab = mlc.ConfigDict(dict(text_size=512, image_size=1000, audio_size=1000))

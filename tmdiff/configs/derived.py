@@ -17,6 +17,19 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the key."""
 
 
+SEED_PURPOSES = ("init", "data", "masks", "eval")
+
+
+def seed_for(config, purpose: str) -> int:
+  """The seed of one source of randomness: parameter init, training data order, training
+  masks and times, or eval masks and times; config.seeds.<purpose>, or config.seed if -1."""
+  if purpose not in SEED_PURPOSES:
+    raise ValueError(f"seed purpose {purpose!r} not in {SEED_PURPOSES}")
+  seeds = config.get("seeds") or {}
+  value = int(seeds.get(purpose, -1))
+  return int(config.seed) if value < 0 else value
+
+
 @dataclasses.dataclass(frozen=True)
 class Hyperparams:
   batch: int               # physical batch B (rows per step, anti-masking pairs included)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from tmdiff.configs import sharding
+from tmdiff.configs import derived
 from tmdiff.configs.derived import ConfigError, derive
 from tmdiff.diffusion import objective, schedules
 from tmdiff.kernels import attention
@@ -46,6 +47,11 @@ def validate(config, num_devices: int | None = None) -> None:
   m, d, data, o, sde, t = (config.model, config.diffusion, config.data, config.optim, config.sde,
                            config.train)
   _positive_ints(config.vocab, "vocab", ("text_size", "image_size", "audio_size"))
+  for name, value in (config.get("seeds") or {}).items():
+    _require(name in derived.SEED_PURPOSES, f"seeds.{name}",
+             f"unknown seed purpose; known {derived.SEED_PURPOSES}")
+    _require(isinstance(value, int) and value >= -1, f"seeds.{name}",
+             f"must be an int >= -1 (-1: config.seed), got {value!r}")
   _positive_ints(m, "model", ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
                               "base_width", "base_depth"))
   _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",

@@ -38,6 +38,7 @@ import grain
 import numpy as np
 from grain._src.python.dataset import dataset as grain_dataset
 
+from tmdiff.configs import derived
 from tmdiff.data import records as records_lib
 from tmdiff.data import vocab as vocab_lib
 from tmdiff.data.batch import FIELDS
@@ -719,7 +720,7 @@ def make_dataset(config, split: str = "train", *, process_index: int = 0,
                             f"{readers} readers (process_count={process_count} x "
                             f"data.worker_count={workers})")
     sources[name] = {"records": recs, "image_tokens": image_tokens,
-                     "shuffle_seed": (int(config.seed) * 7919 + k + 1
+                     "shuffle_seed": (derived.seed_for(config, "data") * 7919 + k + 1
                                       if split == "train" else None)}
   counts = exact_counts(weights, batch_size) if data.exact_mix else None
   if counts is not None:   # a source with no row in the batch is left out

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from tmdiff.configs import derived
 from tmdiff.data import batch as batch_lib
 from tmdiff.data import vocab as vocab_lib
 from tmdiff.diffusion import objective as obj_lib
@@ -116,7 +117,7 @@ def per_row_sums(trainer, params, rows: dict, *, batch_size: int, eval_step=None
                  batch_size, physical)
   eval_step = eval_step or trainer.compile_eval_step(physical)
   max_segments = int(trainer.config.data.max_segments)
-  times = time_uniforms(trainer.config.seed, n, max_segments)
+  times = time_uniforms(derived.seed_for(trainer.config, "eval"), n, max_segments)
   out = {k: np.zeros((n, len(vocab_lib.MODALITIES)), np.float64) for k in SUM_KEYS}
   n_batches = -(-n // physical)
   for b in range(n_batches):

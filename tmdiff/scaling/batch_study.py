@@ -73,11 +73,14 @@ class Run:
   kappa_mult: float = 1.0
   seed: int = 0
   clip: float = 0.0       # gradient-clipping norm (0: off, the study's setting)
+  mask_seed: int = -1     # >= 0: the training masks alone take this seed
 
   @property
   def name(self) -> str:
     name = f"b{self.batch}_d{self.tokens}_{'sde' if self.sde else 'fixed'}_k{self.kappa_mult:g}"
-    return name + (f"_s{self.seed}" if self.seed else "") + (f"_clip{self.clip:g}" if self.clip else "")
+    return (name + (f"_s{self.seed}" if self.seed else "")
+            + (f"_m{self.mask_seed}" if self.mask_seed >= 0 else "")
+            + (f"_clip{self.clip:g}" if self.clip else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +101,8 @@ class Study:
   max_extend: int = 2
   tol: float = 0.015
   eval_rows: int = 1024
-  seeds: int = 2
+  seeds: int = 2                          # base retrained with other seeds (all randomness)
+  mask_seeds: int = 2                     # ... and with other training-mask seeds only
   eval_seeds: int = 2
   clip_control: float = 0.0               # > 0: the smallest-B reparameterised run again, clipped
   # The batch grid again from these other bases (multipliers k of the defaults), e.g. 1: the
@@ -106,18 +110,21 @@ class Study:
   other_bases: tuple = (1.0,)
   quick: bool = False
 
-  def run(self, batch, tokens=None, sde=False, kappa_mult=1.0, seed=0, clip=0.0) -> Run:
+  def run(self, batch, tokens=None, sde=False, kappa_mult=1.0, seed=0, clip=0.0,
+          mask_seed=-1) -> Run:
     tokens = int(self.base_tokens if tokens is None else tokens)
     if batch == self.base_batch and tokens == self.base_tokens:
       sde = False  # kappa = 1 exactly: the same run with or without the reparameterisation
-    return Run(int(batch), tokens, bool(sde), float(kappa_mult), int(seed), float(clip))
+    return Run(int(batch), tokens, bool(sde), float(kappa_mult), int(seed), float(clip),
+               int(mask_seed))
 
   def arg(self, run: Run) -> str:
     """The experiments/batch_study.py argument of `run`."""
     parts = dict(batch=run.batch, tokens=run.tokens, sde=int(run.sde),
                  kappa_mult=repr(run.kappa_mult), base_batch=self.base_batch,
                  base_tokens=self.base_tokens, seq=self.seq_len, eval_rows=self.eval_rows,
-                 clip=repr(run.clip), data=self.data, seed=run.seed, quick=int(self.quick))
+                 clip=repr(run.clip), data=self.data, seed=run.seed, mask_seed=run.mask_seed,
+                 quick=int(self.quick))
     return ",".join(f"{k}={v}" for k, v in parts.items())
 
   def steps(self, batch, tokens=None) -> int:
@@ -125,7 +132,8 @@ class Study:
 
 
 QUICK = dict(seq_len=32, base_batch=4, base_tokens=1024, batches=(4, 8), max_batch=8,
-             kappas=(1.0,), horizons=(), max_extend=0, eval_rows=32, seeds=0, eval_seeds=0,
+             kappas=(1.0,), horizons=(), max_extend=0, eval_rows=32, seeds=0, mask_seeds=0,
+             eval_seeds=0,
              clip_control=0.0, other_bases=(), quick=True, data="synthetic")
 
 
@@ -253,9 +261,14 @@ def _clip(result) -> float:
   return float(result.get("clip", 0.0))
 
 
+def _mask_seed(result) -> int:
+  return int(result.get("mask_seed", -1))
+
+
 def select(results: dict, study: Study) -> dict:
   """The study's groups from a {name: result} dict (runs present so far)."""
-  rs = [r for r in results.values() if not _clip(r)]
+  masked = [r for r in results.values() if _mask_seed(r) >= 0 and not _clip(r)]
+  rs = [r for r in results.values() if not _clip(r) and _mask_seed(r) < 0]
   base_sweep = sorted((r for r in rs if r["batch"] == study.base_batch and
                        r["tokens"] == study.base_tokens and not r["sde"] and r["seed"] == 0),
                       key=lambda r: r["kappa_mult"])
@@ -276,7 +289,14 @@ def select(results: dict, study: Study) -> dict:
                       key=lambda r: r["seed"])
            for k in [k0] + list(others)}
   clipped = [r for r in results.values() if _clip(r)]
-  return dict(k0=k0, base_sweep=base_sweep, reparam=grid(True), naive=grid(False), clipped=clipped,
+  mask_seeds = {k: [b for b in [next((r for r in rs if r["batch"] == study.base_batch and
+                                      r["tokens"] == study.base_tokens and
+                                      r["kappa_mult"] == k and not r["sde"] and r["seed"] == 0),
+                                     None)] if b]
+                + sorted((r for r in masked if r["kappa_mult"] == k and r["seed"] == 0),
+                         key=_mask_seed)
+                for k in seeds}
+  return dict(mask_seeds_by_base=mask_seeds, k0=k0, base_sweep=base_sweep, reparam=grid(True), naive=grid(False), clipped=clipped,
               others=others,
               sweeps={d: sorted(v, key=lambda r: r["kappa_mult"]) for d, v in sorted(sweeps.items())},
               seed_runs=seeds.get(k0, []), seeds_by_base=seeds)
@@ -325,6 +345,7 @@ def analyse(results: dict, study: Study, noise: dict | None = None, n_boot: int 
   out = dict(k0=g["k0"], tol=study.tol, seq_len=study.seq_len, base_batch=study.base_batch,
              base_tokens=study.base_tokens)
   out["seed_noise"] = seed_noise(g["seed_runs"])
+  out["mask_noise"] = seed_noise(g["mask_seeds_by_base"].get(g["k0"], []))
   out["eval_noise"] = noise
   # Batch grids: from the tuned base, and from the other bases.
   rep = g["reparam"]
@@ -333,6 +354,7 @@ def analyse(results: dict, study: Study, noise: dict | None = None, n_boot: int 
     if any(r["batch"] < study.base_batch for r in grids["reparam"]):
       out["other_bases"][repr(k)] = batch_analysis(grids["reparam"], grids["naive"], study)
       out["other_bases"][repr(k)]["seed_noise"] = seed_noise(g["seeds_by_base"][k])
+      out["other_bases"][repr(k)]["mask_noise"] = seed_noise(g["mask_seeds_by_base"][k])
   if rep and any(r["batch"] <= study.base_batch for r in rep):
     out["batch"] = crit = batch_analysis(rep, g["naive"], study)
     unclipped = {(r["batch"], r["sde"], r["kappa_mult"]): r for r in rep}
@@ -365,7 +387,7 @@ def twins(results: dict) -> list[dict]:
   groups = {}
   for r in results.values():
     total_kappa = round(math.log(r["kappa_mult"] * r["kappa"]), 9)
-    key = (r["batch"], r["tokens"], r["seed"], _clip(r), total_kappa)
+    key = (r["batch"], r["tokens"], r["seed"], _mask_seed(r), _clip(r), total_kappa)
     groups.setdefault(key, []).append(r)
   out = []
   for runs in groups.values():
@@ -445,6 +467,7 @@ def eval_noise(study: Study, run: Run, root: str, devices=None) -> dict:
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
+  from tmdiff.configs import derived
   from tmdiff.eval import elbo as elbo_lib
   from tmdiff.train import checkpoint as ckpt_lib
   from tmdiff.train.trainer import Trainer, make_mesh
@@ -456,10 +479,10 @@ def eval_noise(study: Study, run: Run, root: str, devices=None) -> dict:
   losses = {}
   for k in range(1, study.eval_seeds + 1):
     seeded = config.copy_and_resolve_references()
-    seeded.seed = config.seed + 1000 * k  # eval masks only: params and rows are fixed
+    seeded.seeds.eval = derived.seed_for(config, "eval") + 1000 * k  # params and rows fixed
     metrics = elbo_lib.evaluate_rows(Trainer(seeded, mesh), params, rows,
                                      batch_size=min(64, study.eval_rows))
-    losses[str(seeded.seed)] = metrics["loss"]
+    losses[str(seeded.seeds.eval)] = metrics["loss"]
   with open(path, "w") as f:
     json.dump(losses, f, indent=1)
   return losses
@@ -577,13 +600,16 @@ def run_study(study: Study, root: str, devices=None, jobs: int = 1, child_args=(
   bases = [k0] + [k for k in s.other_bases if k != k0]
   centres = {h: k0 * h ** -s.gamma_guess for h in s.horizons}
   print(f"[2/4] batch grids at D_base from the bases k={', '.join(f'{k:g}' for k in bases)}, "
-        f"reparameterised and naive, B in {sorted(s.batches)}+; {s.seeds} more seeds of each base; "
+        f"reparameterised and naive, B in {sorted(s.batches)}+; {s.seeds} more seeds and {s.mask_seeds} more "
+        f"mask seeds of each base; "
         f"gamma k sweeps at D = {[int(h * s.base_tokens) for h in s.horizons]}", flush=True)
   # Everything that k0 decides, at once (in parallel when jobs > 1); then what grows.
   planned = [s.run(b, sde=sde, kappa_mult=k) for k in bases for b in sorted(s.batches)
              for sde in (True, False)]
   planned += [s.run(s.base_batch, kappa_mult=k, seed=i) for k in bases
               for i in range(1, s.seeds + 1)]
+  planned += [s.run(s.base_batch, kappa_mult=k, mask_seed=i) for k in bases
+              for i in range(1, s.mask_seeds + 1)]
   if s.clip_control:
     planned.append(s.run(min(s.batches), sde=True, kappa_mult=k0, clip=s.clip_control))
   planned += [s.run(s.base_batch, int(round(h * s.base_tokens)), kappa_mult=c * k)
@@ -654,15 +680,21 @@ def _pct(x) -> str:
   return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
-def _noise_lines(b: dict, sn: dict, tol: float) -> list[str]:
-  if sn["sd"] is None:
-    return []
-  lines = [f"- training-seed noise at this base (seeds {sn['seeds']}): sd {_pct(sn['rel_sd'])} "
-           f"of the loss, spread {_pct(sn['spread'])}"]
-  if len(b["below"]) > 1:
+def _noise_lines(b: dict, sn: dict, mn: dict | None, tol: float) -> list[str]:
+  lines = []
+  if sn["sd"] is not None:
+    lines.append(f"- seed noise at this base (seeds {sn['seeds']}; init, data order, masks and "
+                 f"eval masks all change): sd {_pct(sn['rel_sd'])} of the loss, spread "
+                 f"{_pct(sn['spread'])}")
+  if mn and mn["sd"] is not None:
+    lines.append(f"- training-mask noise at this base (mask seeds: {len(mn['losses'])} runs; "
+                 f"init, data order and eval fixed, as between the grid's runs): sd "
+                 f"{_pct(mn['rel_sd'])}, spread {_pct(mn['spread'])}")
+    sn = mn  # the noise that separates the grid's runs
+  if sn["sd"] is not None and len(b["below"]) > 1:
     noise_spread = expected_range(len(b["below"])) * sn["rel_sd"]
     lines.append(
-        f"- resolution: {len(b['below'])} runs differing by seed noise alone would spread by "
+        f"- resolution: {len(b['below'])} runs differing by that noise alone would spread by "
         f"~{_pct(noise_spread)}; against the {100 * tol:g}% tolerance the grid "
         + ("resolves flatness." if noise_spread < tol else
            "**cannot** tell flat from not flat with one seed per point: more seeds per point "
@@ -704,11 +736,12 @@ def markdown(results: dict, study: Study, report: dict) -> str:
         f"{base['lr']:.4g}, beta1 {base['beta1']:.4g}, beta2 {base['beta2']:.4g}, eps "
         f"{base['eps']:.3g}); tolerance {100 * study.tol:.1f}%.", "",
         f"From the tuned base (k0 = {g['k0']:g}):"] + _batch_lines(b)[:-1]
-    lines += _noise_lines(b, report["seed_noise"], study.tol) + [""]
+    lines += _noise_lines(b, report["seed_noise"], report.get("mask_noise"), study.tol) + [""]
     for k, other in report.get("other_bases", {}).items():
       lines += [f"From the base k = {float(k):g} (lr {3e-3 * math.sqrt(float(k)):.4g}, betas "
                 f"{0.9 ** float(k):.4g} / {0.95 ** float(k):.4g}):"] + _batch_lines(other)[:-1]
-      lines += _noise_lines(other, other["seed_noise"], study.tol) + [""]
+      lines += _noise_lines(other, other["seed_noise"], other.get("mask_noise"), study.tol)
+      lines += [""]
   for c in report.get("clip_control", []):
     lines.append(f"- clip control: B = {c['batch']} reparameterised with gradient clipping at "
                  f"{c['clip']:g}: loss {c['loss']:.4f} vs {c['unclipped']:.4f} without "
@@ -746,6 +779,8 @@ def markdown(results: dict, study: Study, report: dict) -> str:
   groups += [(f"k sweep", runs) for _, runs in g["sweeps"].items()]
   groups += [(f"seed k={k:g}", [r for r in runs if r["seed"]])
              for k, runs in g["seeds_by_base"].items()]
+  groups += [(f"mask seed k={k:g}", [r for r in runs if _mask_seed(r) >= 0])
+             for k, runs in g["mask_seeds_by_base"].items()]
   groups += [(f"clip {_clip(r):g}", [r]) for r in g["clipped"]]
   for label, runs in groups:
     for r in runs:
@@ -940,6 +975,8 @@ def main(argv=None):
                  help="gamma: other horizons as multiples of base_tokens ('' for none)")
   p.add_argument("--tol", type=float, default=Study.tol)
   p.add_argument("--seeds", type=int, default=Study.seeds)
+  p.add_argument("--mask_seeds", type=int, default=Study.mask_seeds,
+                 help="base retrained with this many other training-mask seeds only")
   p.add_argument("--eval_seeds", type=int, default=Study.eval_seeds)
   p.add_argument("--clip_control", type=float, default=Study.clip_control,
                  help="clip norm of the control run (0: no control run)")
@@ -984,7 +1021,8 @@ def main(argv=None):
     study = Study(data=data, base_batch=args.base_batch, base_tokens=args.base_tokens,
                   batches=tuple(int(v) for v in args.batches.split(",")),
                   kappas=floats(args.kappas), horizons=floats(args.horizons), tol=args.tol,
-                  seeds=args.seeds, eval_seeds=args.eval_seeds, clip_control=args.clip_control,
+                  seeds=args.seeds, mask_seeds=args.mask_seeds, eval_seeds=args.eval_seeds,
+                  clip_control=args.clip_control,
                   other_bases=floats(args.other_bases))
   start = time.perf_counter()
   if args.analyse_only:

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from tmdiff.configs import derived
 from tmdiff.configs import sharding as sharding_lib
 from tmdiff.configs import validate as validate_lib
 from tmdiff.configs.derived import Hyperparams, derive
@@ -118,7 +119,7 @@ class Trainer:
 
     @functools.partial(jax.jit, out_shardings=self.state_sharding)
     def init():
-      model = Transformer(c.model, self.layout, rngs=nnx.Rngs(c.seed))
+      model = Transformer(c.model, self.layout, rngs=nnx.Rngs(derived.seed_for(c, "init")))
       return self._init_state_unsharded(nnx.to_pure_dict(nnx.state(model)))
     with self._context():
       return init()
@@ -164,7 +165,7 @@ class Trainer:
     c = self.config
     step = state["step"]
     batch = self._prepare(batch)
-    rng = jax.random.fold_in(jax.random.key(c.seed), step)
+    rng = jax.random.fold_in(jax.random.key(derived.seed_for(c, "masks")), step)
     corruption = obj_lib.corrupt(batch, rng, self.objective, c.data.max_segments)
     total_tokens = jnp.maximum(corruption.elbo_mask.sum().astype(jnp.float32), 1.0)
 
@@ -209,7 +210,7 @@ class Trainer:
     batch = jax.lax.with_sharding_constraint(
         {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}, self.batch_sharding)
     corruption = elbo_lib.corrupt_rows(batch, row_ids, time_uniforms,
-                                       elbo_lib.eval_key(self.config.seed),
+                                       elbo_lib.eval_key(derived.seed_for(self.config, "eval")),
                                        self.eval_objective, self.config.data.max_segments)
     logp = self._target_logp(params, batch, corruption, self.eval_graphdef)
     return elbo_lib.row_elbo_sums(logp, corruption, batch["modality"])
