@@ -169,6 +169,36 @@ def test_analysis_of_a_synthetic_study(tmp_path):
   assert [os.path.basename(p) for p in paths] == ["batch_study.png", "batch_study_gamma.png"]
 
 
+def test_grid_points_average_their_mask_seed_replicates():
+  study = bs.Study(base_batch=4, base_tokens=D_BASE, batches=(1, 2, 4, 8), other_bases=(),
+                   grid_mask_seeds=1)
+  results = {}
+
+  def add(*args, **kw):
+    name, r = fake_result(study, *args, **kw)
+    results[name] = r
+  # Replicate pairs at +-1% around 3.0 below B_base; B = 8 rises by 5%.
+  for b in (1, 2, 4):
+    for sde in (True, False):
+      add(b, D_BASE, sde, 1.0, 3.0 * 1.01)
+      add(b, D_BASE, sde, 1.0, 3.0 * 0.99, mask_seed=1)
+  add(8, D_BASE, True, 1.0, 3.15)
+  add(8, D_BASE, True, 1.0, 3.15, mask_seed=1)
+  add(8, D_BASE, False, 1.0, 3.0)
+  add(4, D_BASE, False, 1.0, 3.0 * 1.03, mask_seed=2)  # a noise run, not a replicate
+  g = bs.select(results, study)
+  assert [r["replicates"] for r in g["reparam"]] == [2, 2, 2, 2]
+  assert [r["eval"]["loss"] for r in g["reparam"]] == pytest.approx([3.0, 3.0, 3.0, 3.15])
+  assert "replicates" not in g["naive"][-1]  # B = 8 naive: no replicate
+  report = bs.analyse(results, study)
+  assert report["batch"]["reparam_spread"] == pytest.approx(0.0, abs=1e-12)
+  assert report["batch"]["b_crit"] is not None and report["batch"]["below"] == [1, 2, 4]
+  # Mask noise from the base and its mask seeds 1, 2 (3.03, 2.97, 3.09).
+  assert report["mask_noise"]["losses"] == pytest.approx([3.03, 2.97, 3.09])
+  text = bs.markdown(results, study, report)
+  assert "3 grid points (each the mean of 2 mask seeds)" in text and "(mean of 2)" in text
+
+
 def test_experiment_file_reparameterises_from_the_base():
   common = f"base_batch=16,base_tokens={D_BASE},tokens={D_BASE},kappa_mult=2"
   base = derive(experiment.get_config(f"batch=16,{common}"))

@@ -103,6 +103,9 @@ class Study:
   eval_rows: int = 1024
   seeds: int = 2                          # base retrained with other seeds (all randomness)
   mask_seeds: int = 2                     # ... and with other training-mask seeds only
+  # Every grid point again with this many other training-mask seeds; its loss is the mean, so
+  # the noise between grid points shrinks by sqrt(1 + grid_mask_seeds).
+  grid_mask_seeds: int = 0
   eval_seeds: int = 2
   clip_control: float = 0.0               # > 0: the smallest-B reparameterised run again, clipped
   # The batch grid again from these other bases (multipliers k of the defaults), e.g. 1: the
@@ -275,9 +278,10 @@ def select(results: dict, study: Study) -> dict:
   k0 = min(base_sweep, key=_loss)["kappa_mult"] if base_sweep else None
 
   def grid(sde, base=k0):
-    return sorted((r for r in rs if r["tokens"] == study.base_tokens and r["seed"] == 0 and
+    runs = sorted((r for r in rs if r["tokens"] == study.base_tokens and r["seed"] == 0 and
                    r["kappa_mult"] == base and (r["sde"] == sde or r["batch"] == study.base_batch)),
                   key=lambda r: r["batch"])
+    return [replicate_mean(r, masked, study.grid_mask_seeds) for r in runs]
   others = {k: dict(reparam=grid(True, k), naive=grid(False, k))
             for k in study.other_bases if k != k0}
   sweeps = {}
@@ -293,13 +297,30 @@ def select(results: dict, study: Study) -> dict:
                                       r["tokens"] == study.base_tokens and
                                       r["kappa_mult"] == k and not r["sde"] and r["seed"] == 0),
                                      None)] if b]
-                + sorted((r for r in masked if r["kappa_mult"] == k and r["seed"] == 0),
-                         key=_mask_seed)
+                + sorted((r for r in masked if r["kappa_mult"] == k and r["seed"] == 0 and
+                          r["batch"] == study.base_batch and r["tokens"] == study.base_tokens
+                          and not r["sde"]), key=_mask_seed)
                 for k in seeds}
   return dict(mask_seeds_by_base=mask_seeds, k0=k0, base_sweep=base_sweep, reparam=grid(True), naive=grid(False), clipped=clipped,
               others=others,
               sweeps={d: sorted(v, key=lambda r: r["kappa_mult"]) for d, v in sorted(sweeps.items())},
               seed_runs=seeds.get(k0, []), seeds_by_base=seeds)
+
+
+def replicate_mean(run: dict, masked: list, replicates: int) -> dict:
+  """`run` with its eval metrics averaged over its training-mask replicates 1..replicates
+  (those present), or `run` itself when there are none."""
+  twins = [r for r in masked if (r["batch"], r["tokens"], r["sde"], r["kappa_mult"], r["seed"])
+           == (run["batch"], run["tokens"], run["sde"], run["kappa_mult"], run["seed"])
+           and 1 <= _mask_seed(r) <= replicates]
+  if not twins or run.get("diverged"):
+    return run
+  group = [run] + sorted(twins, key=_mask_seed)
+  if any(r.get("diverged") for r in group):
+    return dict(run, diverged=True, replicates=len(group))
+  metrics = {k: float(np.mean([r["eval"][k] for r in group])) for k in run["eval"]}
+  return dict(run, eval=metrics, replicates=len(group),
+              replicate_losses=[_loss(r) for r in group])
 
 
 def seed_noise(runs: list) -> dict:
@@ -579,9 +600,16 @@ class Runner:
     s = self.study
     batches = sorted(s.batches)
     while True:
-      runs = self.ensure(s.run(b, sde=sde, kappa_mult=base) for b in batches for sde in (True, False))
-      reparam = [r for r in runs if r["sde"] or r["batch"] == s.base_batch]
-      crit = critical_batch([r["batch"] for r in reparam], [_loss(r) for r in reparam],
+      replicas = [-1] + list(range(1, s.grid_mask_seeds + 1))
+      runs = self.ensure(s.run(b, sde=True, kappa_mult=base, mask_seed=i)
+                         for b in batches for i in replicas)
+      runs += self.ensure(s.run(b, sde=False, kappa_mult=base, mask_seed=i)
+                          for b in batches for i in replicas)
+      means = {}  # reparameterised (the base point counts as one) -> mean loss over replicas
+      for r in runs:
+        if r["sde"] or r["batch"] == s.base_batch:
+          means.setdefault(r["batch"], []).append(_loss(r))
+      crit = critical_batch(list(means), [float(np.mean(v)) for v in means.values()],
                             s.base_batch, s.tol)
       nxt = batches[-1] * 2
       if crit["b_crit"] is not None or nxt > s.max_batch or s.steps(nxt) < s.min_steps:
@@ -610,6 +638,9 @@ def run_study(study: Study, root: str, devices=None, jobs: int = 1, child_args=(
               for i in range(1, s.seeds + 1)]
   planned += [s.run(s.base_batch, kappa_mult=k, mask_seed=i) for k in bases
               for i in range(1, s.mask_seeds + 1)]
+  planned += [s.run(b, sde=sde, kappa_mult=k, mask_seed=i) for k in bases
+              for b in sorted(s.batches) for sde in (True, False)
+              for i in range(1, s.grid_mask_seeds + 1)]
   if s.clip_control:
     planned.append(s.run(min(s.batches), sde=True, kappa_mult=k0, clip=s.clip_control))
   planned += [s.run(s.base_batch, int(round(h * s.base_tokens)), kappa_mult=c * k)
@@ -680,7 +711,8 @@ def _pct(x) -> str:
   return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
-def _noise_lines(b: dict, sn: dict, mn: dict | None, tol: float) -> list[str]:
+def _noise_lines(b: dict, sn: dict, mn: dict | None, tol: float, replicates: int = 1
+                 ) -> list[str]:
   lines = []
   if sn["sd"] is not None:
     lines.append(f"- seed noise at this base (seeds {sn['seeds']}; init, data order, masks and "
@@ -692,9 +724,11 @@ def _noise_lines(b: dict, sn: dict, mn: dict | None, tol: float) -> list[str]:
                  f"{_pct(mn['rel_sd'])}, spread {_pct(mn['spread'])}")
     sn = mn  # the noise that separates the grid's runs
   if sn["sd"] is not None and len(b["below"]) > 1:
-    noise_spread = expected_range(len(b["below"])) * sn["rel_sd"]
+    noise_spread = expected_range(len(b["below"])) * sn["rel_sd"] / math.sqrt(replicates)
+    each = f" (each the mean of {replicates} mask seeds)" if replicates > 1 else ""
     lines.append(
-        f"- resolution: {len(b['below'])} runs differing by that noise alone would spread by "
+        f"- resolution: {len(b['below'])} grid points{each} differing by that noise alone would "
+        f"spread by "
         f"~{_pct(noise_spread)}; against the {100 * tol:g}% tolerance the grid "
         + ("resolves flatness." if noise_spread < tol else
            "**cannot** tell flat from not flat with one seed per point: more seeds per point "
@@ -736,11 +770,13 @@ def markdown(results: dict, study: Study, report: dict) -> str:
         f"{base['lr']:.4g}, beta1 {base['beta1']:.4g}, beta2 {base['beta2']:.4g}, eps "
         f"{base['eps']:.3g}); tolerance {100 * study.tol:.1f}%.", "",
         f"From the tuned base (k0 = {g['k0']:g}):"] + _batch_lines(b)[:-1]
-    lines += _noise_lines(b, report["seed_noise"], report.get("mask_noise"), study.tol) + [""]
+    lines += _noise_lines(b, report["seed_noise"], report.get("mask_noise"), study.tol,
+                          1 + study.grid_mask_seeds) + [""]
     for k, other in report.get("other_bases", {}).items():
       lines += [f"From the base k = {float(k):g} (lr {3e-3 * math.sqrt(float(k)):.4g}, betas "
                 f"{0.9 ** float(k):.4g} / {0.95 ** float(k):.4g}):"] + _batch_lines(other)[:-1]
-      lines += _noise_lines(other, other["seed_noise"], other.get("mask_noise"), study.tol)
+      lines += _noise_lines(other, other["seed_noise"], other.get("mask_noise"), study.tol,
+                            1 + study.grid_mask_seeds)
       lines += [""]
   for c in report.get("clip_control", []):
     lines.append(f"- clip control: B = {c['batch']} reparameterised with gradient clipping at "
@@ -789,8 +825,9 @@ def markdown(results: dict, study: Study, report: dict) -> str:
       else:
         scores = (f"{_loss(r):.4f} | " + " | ".join(
             f"{_metric(r, f'bits_per_token/{m}'):.3f}" for m in MODALITIES) + " ")
+      mean_of = f" (mean of {r['replicates']})" if r.get("replicates") else ""
       lines.append(
-          f"| {label} | {r['batch']} | {r['steps']} | {r['tokens']:,} | {int(r['sde'])} | "
+          f"| {label}{mean_of} | {r['batch']} | {r['steps']} | {r['tokens']:,} | {int(r['sde'])} | "
           f"{r['kappa_mult']:g} | {r['kappa']:.3g} | {r['lr']:.3g} | {r['beta1']:.4f} | "
           f"{r['beta2']:.4f} | {scores}| {r['wall_s']:.0f}{'*' if r.get('resumed') else ''} |")
   walls = [r["wall_s"] for r in results.values()]
@@ -977,6 +1014,9 @@ def main(argv=None):
   p.add_argument("--seeds", type=int, default=Study.seeds)
   p.add_argument("--mask_seeds", type=int, default=Study.mask_seeds,
                  help="base retrained with this many other training-mask seeds only")
+  p.add_argument("--grid_mask_seeds", type=int, default=Study.grid_mask_seeds,
+                 help="every grid point again with this many other mask seeds; its loss is the "
+                 "mean")
   p.add_argument("--eval_seeds", type=int, default=Study.eval_seeds)
   p.add_argument("--clip_control", type=float, default=Study.clip_control,
                  help="clip norm of the control run (0: no control run)")
@@ -1021,7 +1061,8 @@ def main(argv=None):
     study = Study(data=data, base_batch=args.base_batch, base_tokens=args.base_tokens,
                   batches=tuple(int(v) for v in args.batches.split(",")),
                   kappas=floats(args.kappas), horizons=floats(args.horizons), tol=args.tol,
-                  seeds=args.seeds, mask_seeds=args.mask_seeds, eval_seeds=args.eval_seeds,
+                  seeds=args.seeds, mask_seeds=args.mask_seeds,
+                  grid_mask_seeds=args.grid_mask_seeds, eval_seeds=args.eval_seeds,
                   clip_control=args.clip_control,
                   other_bases=floats(args.other_bases))
   start = time.perf_counter()
@@ -1033,7 +1074,9 @@ def main(argv=None):
         with open(path) as f:
           results[name] = json.load(f)
     noise_raw = {}
-    for name in results:
+    k0 = select(results, study)["k0"]
+    base = study.run(study.base_batch, kappa_mult=k0).name if k0 is not None else None
+    for name in sorted(results, key=lambda n: n != base):  # the base first: the reference
       path = os.path.join(args.out, "runs", name, NOISE)
       if os.path.exists(path):
         with open(path) as f:
