@@ -6,7 +6,11 @@
   python -m tmdiff.data.bench --data_dir=DIR --step_tokens_per_s=2996630   # ratio to a train step
 
 One JSON line per worker count. The pipeline is built as the trainer builds it on one host
-(process_count=1), warmed up for --warmup_s, then timed for at least --seconds and --batches.
+(process_count=1) and warmed up until every Grain worker has delivered two blocks of batches
+(workers start one Python process each, seconds apart on a busy host, and Grain hands out
+blocks in worker order, so a short window would time start-up, not the loader) and for at
+least --warmup_s; `warmup_s` reports how long that took. Then it is timed for at least
+--seconds and --batches.
 tokens_per_s counts every position of a [B, L] batch (what the train step consumes);
 non_pad_tokens_per_s counts real tokens. main_cpu_s is the CPU time of this process over the
 timed part (with workers, they run in other processes), so main_cpu_s / seconds < 1 means
@@ -29,8 +33,14 @@ def run(config, batches: int = 200, seconds: float = 3.0, warmup_s: float = 1.0)
   it = iter(pipeline.make_dataset(config, "train"))
   batch = next(it)
   first_batch_s = time.perf_counter() - start
-  while time.perf_counter() - start < first_batch_s + warmup_s:
+  local_batch = pipeline.local_batch_size(config, 1)
+  warm_batches = 2 * max(int(config.data.worker_count), 1) * pipeline.batches_per_block(
+      local_batch, int(config.data.seq_len))
+  taken = 1
+  while taken < warm_batches or time.perf_counter() - start < first_batch_s + warmup_s:
     batch = next(it)
+    taken += 1
+  warm_s = time.perf_counter() - start
   n = live = 0
   cpu0, t0 = time.process_time(), time.perf_counter()
   while n < batches or time.perf_counter() - t0 < seconds:
@@ -38,14 +48,16 @@ def run(config, batches: int = 200, seconds: float = 3.0, warmup_s: float = 1.0)
     live += int((batch["segment_ids"] > 0).sum())
     n += 1
   wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+  fractions = {k: round(v, 3) for k, v in it.token_fractions().items()}
+  it.close()   # stop this run's workers before the next worker count starts its own
   b, l = batch["tokens"].shape
   return {"source": config.data.source, "batch": b, "seq_len": l,
           "exact_mix": bool(config.data.exact_mix), "worker_count": int(config.data.worker_count),
           "batches": n, "seconds": round(wall, 3), "main_cpu_s": round(cpu, 3),
-          "first_batch_s": round(first_batch_s, 3),
+          "first_batch_s": round(first_batch_s, 3), "warmup_s": round(warm_s, 3),
           "batches_per_s": round(n / wall, 1), "rows_per_s": round(n * b / wall),
           "tokens_per_s": round(n * b * l / wall), "non_pad_tokens_per_s": round(live / wall),
-          "token_fractions": {k: round(v, 3) for k, v in it.token_fractions().items()}}
+          "token_fractions": fractions}
 
 
 def main(argv=None) -> None:
