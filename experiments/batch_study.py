@@ -23,6 +23,9 @@ Argument: comma-separated key=value, all optional:
   seed         default 0 (every source of randomness)
   mask_seed    >= 0: the seed of the training masks and times alone (config.seeds.masks);
                init, data order and eval keep `seed` (default -1: off)
+  noise        training masks and times keyed per 'example' by its index in the data stream
+               (default: the same example gets the same masks whatever B, so the grid's runs
+               share their randomness) or per 'step' (diffusion.noise_keys)
   quick        1: a micro model (d_model 32, 1 layer, seq 32, synthetic data) for tests
 
 Expected on 2 CPU cores (unloaded): ~8k tokens/s at any B (~7k at B=1, where per-step overhead
@@ -35,10 +38,10 @@ from experiments import tiny
 from tmdiff.configs.derived import reparameterise
 
 KEYS = ("batch", "tokens", "sde", "kappa_mult", "base_batch", "base_tokens", "gamma", "seq",
-        "eval_rows", "clip", "data", "seed", "mask_seed", "quick")
+        "eval_rows", "clip", "data", "seed", "mask_seed", "noise", "quick")
 DEFAULTS = dict(batch="4", tokens=str(2**20), sde="0", kappa_mult="1", base_batch="4",
                 base_tokens=str(2**20), gamma="0.44", seq="128", eval_rows="1024", clip="0",
-                data="synthetic", seed="0", mask_seed="-1", quick="0")
+                data="synthetic", seed="0", mask_seed="-1", noise="example", quick="0")
 QUICK_DEFAULTS = dict(batch="4", tokens="1024", base_batch="4", base_tokens="1024", seq="32",
                       eval_rows="32")
 
@@ -85,6 +88,7 @@ def get_config(arg: str = ""):
   lr, beta1, beta2, eps = reparameterise(c.optim.lr, c.optim.beta1, c.optim.beta2, c.optim.eps,
                                          kappa_mult)
   c.optim.update(dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, clip_norm=float(a["clip"])))
+  c.diffusion.noise_keys = a["noise"]
   c.sde.enabled = a["sde"] == "1"
   c.sde.batch_base = int(a["base_batch"])
   c.sde.tokens_base = float(a["base_tokens"])

@@ -98,7 +98,8 @@ def test_expected_range_of_normal_draws():
 
 def test_analysis_of_a_synthetic_study(tmp_path):
   """Runs whose losses follow known curves: the report recovers k0, B_crit, spreads, gamma."""
-  study = bs.Study(base_batch=16, base_tokens=D_BASE, other_bases=(0.5,))
+  study = bs.Study(base_batch=16, base_tokens=D_BASE, other_bases=(0.5,), seeds=2, mask_seeds=2,
+                   grid_mask_seeds=0)
   results = {}
 
   def add(*args, **kw):
@@ -251,3 +252,52 @@ def test_cli_quick_study_is_resumable_and_evaluates_the_same_rows(tmp_path, caps
   bs.main(argv)  # finished runs are skipped
   assert "trained 0 runs this time" in capsys.readouterr().out
   assert mtimes == {r: (out / "runs" / r / bs.RESULT).stat().st_mtime for r in runs}
+
+
+def test_paired_noise_is_the_scatter_about_the_grid_pattern():
+  rng = np.random.default_rng(0)
+  pattern = 4.0 + 0.3 * rng.random(30)            # 30 grid points
+  shifts = np.array([0.05, -0.08, 0.0, 0.11, -0.02])  # each replicate's level, cancels
+  clean = pattern[:, None] * (1 + shifts[None])
+  assert bs.paired_noise(clean)["rel_sd"] == pytest.approx(0.0, abs=1e-7)  # shifts: no noise
+  assert bs.paired_noise(clean)["level_shifts"] == pytest.approx(
+      list(np.exp(np.log1p(shifts) - np.log1p(shifts).mean()) - 1))
+  rel_sigma = 0.004
+  noisy = clean * np.exp(rng.normal(0.0, rel_sigma, (30, 5)))
+  est = bs.paired_noise(noisy)
+  assert est["rel_sd"] == pytest.approx(rel_sigma, rel=0.2)   # 116 degrees of freedom
+  assert est["sd"] == pytest.approx(rel_sigma * noisy.mean(), rel=0.2)
+  assert bs.paired_noise(noisy[:, :1])["sd"] is None
+
+
+@pytest.mark.parametrize("naive_b2", [1.03, 0.99])
+def test_replicated_grid_verdict(naive_b2):
+  """Two replicates with a level shift between them; reparameterised flat, naive worse at B=1
+  and (first case) at B=2: the verdict says so, and the noise comes from the scatter."""
+  study = bs.Study(base_batch=4, base_tokens=D_BASE, batches=(1, 2, 4, 8, 16), grid_mask_seeds=1)
+  results = {}
+
+  def add(*args, **kw):
+    name, r = fake_result(study, *args, **kw)
+    results[name] = r
+  wiggle = {1: 0.001, 2: -0.001, 4: 0.0, 8: 0.0005, 16: -0.0005}
+  naive = {1: 1.04, 2: naive_b2, 8: 1.05, 16: 1.10}
+  for mask_seed, level in ((-1, 3.0), (1, 3.2)):
+    for b in (1, 2, 4, 8, 16):
+      rep = {1: 1.0, 2: 1.003, 4: 1.0, 8: 1.004, 16: 1.05}[b]
+      sign = 1 if mask_seed < 0 else -1    # residual noise: +-wiggle about the pattern
+      add(b, D_BASE, True, 1.0, level * rep * (1 + sign * wiggle[b]), mask_seed=mask_seed)
+      if b != 4:
+        add(b, D_BASE, False, 1.0, level * naive[b] * (1 - sign * wiggle[b]), mask_seed=mask_seed)
+  report = bs.analyse(results, study)
+  b = report["batch"]
+  assert b["below"] == [1, 2, 4, 8] and b["reparam_spread"] < 0.015
+  assert len(b["by_replicate"]) == 2 and b["paired_noise"]["replicates"] == 2
+  assert b["paired_noise"]["points"] == 9   # 5 reparameterised + 4 naive
+  assert 0 < b["paired_noise"]["rel_sd"] < 0.002
+  assert b["paired_noise"]["level_shifts"][0] < 0 < b["paired_noise"]["level_shifts"][1]
+  verdict = bs.naive_verdict(b, b["paired_noise"]["rel_sd"], 2, 4)
+  assert set(verdict["z"]) == {1, 2, 8} and verdict["worse"] == (naive_b2 > 1)
+  text = bs.markdown(results, study, report)
+  assert "reparameterised runs within 1.5% of each other below B_crit: **yes**" in text
+  assert f"other than the base: **{'yes' if naive_b2 > 1 else 'no'}**" in text

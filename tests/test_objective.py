@@ -1,4 +1,5 @@
 """The masked-diffusion objective against exact enumeration and closed forms."""
+import dataclasses
 import itertools
 import math
 
@@ -157,6 +158,70 @@ def test_stratified_times_cover_every_stratum():
   for slot in range(3):
     counts = np.histogram(t[:, slot], bins=64, range=(0, 1))[0]
     assert counts.max() == 1, counts  # exactly one time per 1/64 stratum
+
+
+def test_stream_times_are_exact_fixed_point_and_even_in_every_window():
+  slots, shift_key = 9, jax.random.key(5)
+  ids = np.array([0, 1, 2, 77, 2**20 + 3, 2**31 + 11, 2**32 - 1], np.uint32)
+  u = np.asarray(obj_lib.stream_time_uniforms(shift_key, ids, slots))
+  # Reference: frac(shift + (g + 1) / phi) in exact rationals, truncated to 24 bits.
+  shift = [int(x) for x in np.asarray(jax.random.bits(shift_key, (slots,), jnp.uint32))]
+  inv_phi = 2 / (1 + math.sqrt(5))
+  for i, g in enumerate(ids.tolist()):
+    for s in range(slots):
+      a = round(inv_phi * 2**32)
+      assert u[i, s] == ((shift[s] + (g + 1) * a) % 2**32 >> 8) / 2**24
+      if g < 2**20:   # and close to the float64 value where that is exact enough
+        assert abs(u[i, s] - (shift[s] / 2**32 + (g + 1) * inv_phi) % 1.0) < 1e-6
+  # Any window of n consecutive ids spreads over [0, 1): no 1/n-bin holds more than 3.
+  for n, start in ((16, 0), (64, 1000), (128, 2**30)):
+    w = np.asarray(obj_lib.stream_time_uniforms(shift_key, np.arange(start, start + n), slots))
+    assert 0.0 <= w.min() and w.max() < 1.0
+    for s in range(slots):
+      assert np.histogram(w[:, s], bins=n, range=(0, 1))[0].max() <= 3, (n, s)
+
+
+@pytest.mark.parametrize("anti_masking", [False, True])
+def test_example_keyed_masks_do_not_depend_on_the_batch(anti_masking):
+  obj = obj_lib.Objective((sched_lib.Linear(),) * 3, LAYOUT.mask, t_min=0.01,
+                          anti_masking=anti_masking, noise_keys="example")
+  per = 2 if anti_masking else 1
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(*LAYOUT.text_range, size=(8, 12))
+  batch = _batch(tokens[0], np.zeros(12), 8 * per)
+  batch["tokens"] = jnp.asarray(np.repeat(tokens, per, axis=0), jnp.int32)
+  key = jax.random.key(7)
+  whole = obj_lib.step_corruption(batch, jnp.int32(0), key, obj, max_segments=1)
+  halves = [obj_lib.step_corruption(jax.tree.map(lambda x: x[h * 4 * per:(h + 1) * 4 * per],
+                                                 batch), jnp.int32(h), key, obj, max_segments=1)
+            for h in range(2)]
+  for field in whole._fields:
+    np.testing.assert_array_equal(np.asarray(getattr(whole, field)), np.concatenate(
+        [np.asarray(getattr(h, field)) for h in halves]), err_msg=field)
+  if anti_masking:
+    np.testing.assert_array_equal(np.asarray(whole.supervised)[0::2],
+                                  ~np.asarray(whole.supervised)[1::2])
+  step_keyed = obj_lib.step_corruption(batch, jnp.int32(0), key,
+                                       dataclasses.replace(obj, noise_keys="step"), 1)
+  assert not np.array_equal(np.asarray(step_keyed.t), np.asarray(whole.t))
+
+
+@pytest.mark.parametrize("sampling", ["iid", "stratified"])
+def test_example_keyed_estimator_matches_exact_elbo(sampling):
+  schedules = (sched_lib.Linear(), sched_lib.make_schedule("cosine"), sched_lib.Linear())
+  obj = obj_lib.Objective(schedules, LAYOUT.mask, t_min=0.01, time_sampling=sampling,
+                          noise_keys="example")
+  bias = obj_lib.modality_logit_bias(LAYOUT)
+  batch = _batch(TOKENS, MODALITY, 8)
+
+  def one(step):
+    c = obj_lib.step_corruption(batch, step, jax.random.key(2), obj, max_segments=1)
+    logp = _denoiser_log_probs(c.tokens, batch["tokens"], batch["modality"], bias)
+    return jnp.sum(jnp.where(c.supervised, -logp * c.weight, 0.0), axis=1)
+  est = np.asarray(jax.lax.map(one, jnp.arange(3000))).reshape(-1)
+  exact = _exact_nelbo(TOKENS, MODALITY, schedules, obj.t_min, obj.t_max)
+  stderr = est.std() / math.sqrt(est.size)
+  assert abs(est.mean() - exact) < 4 * stderr + 1e-3, (est.mean(), exact, stderr)
 
 
 def test_conditional_masking_and_condition_dropout():

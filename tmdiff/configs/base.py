@@ -44,6 +44,9 @@ def get_base_config() -> mlc.ConfigDict:
       t_min=1e-3,             # t ~ [t_min, 1]
       time_sampling="stratified",  # iid | stratified (low-discrepancy over the global batch)
       anti_masking=False,     # pair every mask with its complement (rows 2k, 2k+1)
+      # Training masks keyed by step (one draw per batch) | example (by stream index: the
+      # same example gets the same masks and time whatever the physical batch).
+      noise_keys="step",
       cond_target_only_prob=0.5,   # pairs: probability of masking the target only (T2I / T2S)
       cond_drop_prob=0.1,     # pairs: probability of dropping the condition (CFG training)
   ))

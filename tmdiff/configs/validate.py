@@ -71,6 +71,8 @@ def validate(config, num_devices: int | None = None) -> None:
   _require(0.0 < d.t_min < 0.5, "diffusion.t_min", f"must be in (0, 0.5), got {d.t_min}")
   _require(d.time_sampling in objective.TIME_SAMPLING, "diffusion.time_sampling",
            f"{d.time_sampling!r} not in {objective.TIME_SAMPLING}")
+  _require(d.noise_keys in objective.NOISE_KEYS, "diffusion.noise_keys",
+           f"{d.noise_keys!r} not in {objective.NOISE_KEYS}")
   for k in ("cond_target_only_prob", "cond_drop_prob"):
     _require(0.0 <= d[k] <= 1.0, f"diffusion.{k}", f"must be in [0, 1], got {d[k]}")
   _require(d.cond_target_only_prob + d.cond_drop_prob <= 1.0, "diffusion.cond_drop_prob",

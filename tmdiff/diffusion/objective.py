@@ -25,6 +25,7 @@ from tmdiff.data import vocab as vocab_lib
 from tmdiff.diffusion import schedules as schedules_lib
 
 TIME_SAMPLING = ("iid", "stratified")
+NOISE_KEYS = ("step", "example")
 LN2 = math.log(2.0)
 
 
@@ -37,6 +38,7 @@ class Objective:
   anti_masking: bool = False
   cond_target_only_prob: float = 0.0
   cond_drop_prob: float = 0.0
+  noise_keys: str = "step"
 
   @classmethod
   def from_config(cls, diffusion_cfg, layout: vocab_lib.VocabLayout) -> "Objective":
@@ -44,7 +46,7 @@ class Objective:
     scheds = tuple(schedules_lib.make_schedule(d.schedule[m], poly_exponent=d.poly_exponent)
                    for m in vocab_lib.MODALITIES)
     return cls(scheds, layout.mask, float(d.t_min), d.time_sampling, bool(d.anti_masking),
-               float(d.cond_target_only_prob), float(d.cond_drop_prob))
+               float(d.cond_target_only_prob), float(d.cond_drop_prob), d.noise_keys)
 
   @property
   def t_max(self) -> float:
@@ -72,6 +74,56 @@ def sample_times(rng, rows: int, slots: int, obj: Objective) -> jax.Array:
   else:
     raise ValueError(f"unknown time_sampling {obj.time_sampling!r}; choose from {TIME_SAMPLING}")
   return obj.t_min + (obj.t_max - obj.t_min) * u
+
+
+GOLDEN_FRACTION = round((math.sqrt(5.0) - 1.0) / 2.0 * 2**32)   # 1/phi in 32-bit fixed point
+
+
+def stream_time_uniforms(key, example_ids, slots: int) -> jax.Array:
+  """[n, slots] in [0, 1): the golden-ratio sequence over the stream index g,
+  u[g, s] = frac(shift_s + (g + 1) / phi), with a random shift per slot from `key`. Any run of
+  n consecutive examples leaves at most 3 in any 1/n of [0, 1) in every slot (three-gap
+  theorem), whatever the batch the run is cut into. Slots of one row are offset by fixed
+  shifts rather than independent. 32-bit fixed point, exact for any g."""
+  shift = jax.random.bits(key, (slots,), jnp.uint32)
+  g = jnp.asarray(example_ids).astype(jnp.uint32)[:, None] + jnp.uint32(1)
+  fixed = shift[None] + g * jnp.uint32(GOLDEN_FRACTION)   # wraps mod 2^32: the fraction
+  return (fixed >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+
+def corrupt_examples(batch, example_ids, key, obj: Objective, max_segments: int,
+                     time_uniforms=None) -> "Corruption":
+  """`corrupt` applied to each example alone (a row, or with anti-masking its pair of rows):
+  its draws from fold_in(key, example_ids[i]), its times from time_uniforms[i] ([slots]) when
+  given. An example's masks then depend on its id, not on the batch or device it lands in."""
+  per = 2 if obj.anti_masking else 1
+  fields = {k: batch[k].reshape(-1, per, batch[k].shape[-1])
+            for k in ("tokens", "segment_ids", "modality", "loss_mask", "cond_mask")}
+
+  def one(example, example_id, u):
+    return corrupt(example, jax.random.fold_in(key, example_id), obj, max_segments,
+                   time_uniforms=None if u is None else u[None])
+  if time_uniforms is None:
+    out = jax.vmap(lambda e, i: one(e, i, None))(fields, example_ids)
+  else:
+    out = jax.vmap(one)(fields, example_ids, time_uniforms)
+  return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+
+
+def step_corruption(batch, step, key, obj: Objective, max_segments: int) -> "Corruption":
+  """The training step's masks. noise_keys 'step': one draw for the batch from
+  fold_in(key, step) (stratified times spread over the batch). 'example': per example, keyed
+  by its index in the data stream (step * examples per step + row), stratified times from
+  `stream_time_uniforms`: the same example gets the same masks and time whatever the
+  physical batch, so runs that differ only in batch size share their randomness."""
+  if obj.noise_keys == "step":
+    return corrupt(batch, jax.random.fold_in(key, step), obj, max_segments)
+  n = batch["tokens"].shape[0] // (2 if obj.anti_masking else 1)
+  ids = step.astype(jnp.uint32) * jnp.uint32(n) + jnp.arange(n, dtype=jnp.uint32)
+  time_key, draw_key = jax.random.split(key)
+  u = (stream_time_uniforms(time_key, ids, max_segments + 1)
+       if obj.time_sampling == "stratified" else None)
+  return corrupt_examples(batch, ids, draw_key, obj, max_segments, time_uniforms=u)
 
 
 def _per_modality(values_by_modality, modality):

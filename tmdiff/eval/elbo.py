@@ -56,19 +56,6 @@ def time_uniforms(seed: int, num_rows: int, max_segments: int) -> np.ndarray:
   return np.minimum(u, np.nextafter(np.float32(1), np.float32(0))).astype(np.float32)
 
 
-def corrupt_rows(batch, row_ids, times, base_key, obj: obj_lib.Objective,
-                 max_segments: int) -> obj_lib.Corruption:
-  """`objective.corrupt` applied to each row alone, with key fold_in(base_key, row_ids[i])
-  and time uniforms times[i] ([max_segments + 1])."""
-  def one(row, row_id, u):
-    single = {k: v[None] for k, v in row.items()}
-    c = obj_lib.corrupt(single, jax.random.fold_in(base_key, row_id), obj, max_segments,
-                        time_uniforms=u[None])
-    return jax.tree.map(lambda x: x[0], c)
-  fields = {k: batch[k] for k in ("tokens", "segment_ids", "modality", "loss_mask", "cond_mask")}
-  return jax.vmap(one)(fields, row_ids, times)
-
-
 def row_elbo_sums(target_logp, corruption: obj_lib.Corruption, modality) -> dict:
   """`objective.elbo_sums` per row: {nll, tokens, masked} each [B, 3]."""
   def one(logp, c, m):

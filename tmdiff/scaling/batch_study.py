@@ -101,16 +101,21 @@ class Study:
   max_extend: int = 2
   tol: float = 0.015
   eval_rows: int = 1024
-  seeds: int = 2                          # base retrained with other seeds (all randomness)
-  mask_seeds: int = 2                     # ... and with other training-mask seeds only
-  # Every grid point again with this many other training-mask seeds; its loss is the mean, so
-  # the noise between grid points shrinks by sqrt(1 + grid_mask_seeds).
-  grid_mask_seeds: int = 0
+  # Training masks and times keyed per 'example' (by stream index: every run sees the same
+  # examples with the same masks whatever its batch, so runs differ only by B and the
+  # hyperparameters) or per 'step' (diffusion.noise_keys).
+  noise: str = "example"
+  seeds: int = 0                          # base retrained with other seeds (all randomness)
+  mask_seeds: int = 1                     # ... and with other training-mask seeds only
+  # Every grid point again with this many other training-mask seeds: replicate i is the whole
+  # grid under mask seed i. A point's loss is the mean over replicates; the scatter of the
+  # replicates about the grid's pattern is the noise of the comparison.
+  grid_mask_seeds: int = 1
   eval_seeds: int = 2
   clip_control: float = 0.0               # > 0: the smallest-B reparameterised run again, clipped
   # The batch grid again from these other bases (multipliers k of the defaults), e.g. 1: the
   # untuned defaults, to see whether the break follows the step count or the absolute kappa.
-  other_bases: tuple = (1.0,)
+  other_bases: tuple = ()
   quick: bool = False
 
   def run(self, batch, tokens=None, sde=False, kappa_mult=1.0, seed=0, clip=0.0,
@@ -127,7 +132,7 @@ class Study:
                  kappa_mult=repr(run.kappa_mult), base_batch=self.base_batch,
                  base_tokens=self.base_tokens, seq=self.seq_len, eval_rows=self.eval_rows,
                  clip=repr(run.clip), data=self.data, seed=run.seed, mask_seed=run.mask_seed,
-                 quick=int(self.quick))
+                 noise=self.noise, quick=int(self.quick))
     return ",".join(f"{k}={v}" for k, v in parts.items())
 
   def steps(self, batch, tokens=None) -> int:
@@ -333,6 +338,32 @@ def seed_noise(runs: list) -> dict:
               spread=spread(losses) if many else None)
 
 
+def paired_noise(table) -> dict:
+  """Noise of comparisons inside a replicate. `table` [points, replicates]: final losses, each
+  replicate the whole grid under one training-mask seed. A replicate's common level shift
+  (a factor) cancels in its comparisons; what is left is the two-way residual of ln loss,
+  ln L - point mean - replicate mean + grand mean, whose sd (df (points-1)(replicates-1)) is
+  one run's relative noise against the other runs of its replicate."""
+  t = np.asarray(table, np.float64)
+  points, reps = t.shape
+  if points < 2 or reps < 2 or not (np.isfinite(t).all() and (t > 0).all()):
+    return dict(sd=None, rel_sd=None, points=points, replicates=reps)
+  x = np.log(t)
+  resid = x - x.mean(1, keepdims=True) - x.mean(0, keepdims=True) + x.mean()
+  rel_sd = float(math.sqrt((resid ** 2).sum() / ((points - 1) * (reps - 1))))
+  return dict(sd=rel_sd * float(t.mean()), rel_sd=rel_sd, points=points, replicates=reps,
+              level_shifts=[float(v) for v in np.exp(x.mean(0) - x.mean()) - 1.0])
+
+
+def replicate_table(runs: list) -> np.ndarray | None:
+  """[points, replicates] losses of the distinct grid runs that have every replicate."""
+  distinct = {r["name"]: r for r in runs if r.get("replicate_losses")}
+  rows = [r["replicate_losses"] for r in distinct.values()]
+  if len(rows) < 2 or len({len(x) for x in rows}) != 1:
+    return None
+  return np.asarray(rows, np.float64)
+
+
 def batch_analysis(reparam: list, naive: list, study: Study) -> dict:
   """Critical batch of the reparameterised grid; spreads of both grids below it."""
   crit = critical_batch([r["batch"] for r in reparam], [_loss(r) for r in reparam],
@@ -347,11 +378,26 @@ def batch_analysis(reparam: list, naive: list, study: Study) -> dict:
   crit["reparam_spread"] = spread([_loss(r) for r in rep_below]) if len(rep_below) > 1 else None
   crit["naive_spread"] = spread([_loss(r) for r in naive_below]) if len(naive_below) > 1 else None
   crit["span"] = (max(below) / min(below)) if below else None
+  crit["base_batch"] = study.base_batch
   crit["naive_rel"] = {int(r["batch"]): _loss(r) / crit["flat_level"] - 1.0 for r in naive}
   crit["kappa_at_b_crit"] = None  # total multiplier of the defaults where flatness breaks
   if b_crit and reparam:
     r0 = reparam[0]
     crit["kappa_at_b_crit"] = r0["kappa_mult"] * b_crit / study.base_batch
+  reps = {len(r.get("replicate_losses", ())) for r in reparam + naive}
+  if len(reps) == 1 and min(reps) > 1:  # every grid point has all its replicates
+    crit["by_replicate"] = []
+    for j in range(min(reps)):
+      flat_j = float(np.mean([r["replicate_losses"][j] for r in reparam
+                              if r["batch"] <= study.base_batch]))
+      crit["by_replicate"].append(dict(
+          reparam_spread=spread([r["replicate_losses"][j] for r in rep_below])
+          if len(rep_below) > 1 else None,
+          naive_spread=spread([r["replicate_losses"][j] for r in naive_below])
+          if len(naive_below) > 1 else None,
+          naive_rel={int(r["batch"]): r["replicate_losses"][j] / flat_j - 1.0 for r in naive}))
+    table = replicate_table(reparam + naive)
+    crit["paired_noise"] = paired_noise(table) if table is not None else None
   crit["per_modality"] = {
       m: dict(reparam_spread=spread([_metric(r, f"bits_per_token/{m}") for r in rep_below])
               if len(rep_below) > 1 else None,
@@ -384,8 +430,11 @@ def analyse(results: dict, study: Study, noise: dict | None = None, n_boot: int 
              unclipped=_loss(unclipped[(r["batch"], r["sde"], r["kappa_mult"])]),
              rel_to_flat=_loss(r) / crit["flat_level"] - 1.0)
         for r in g["clipped"] if (r["batch"], r["sde"], r["kappa_mult"]) in unclipped]
-  # Gamma.
-  sigma = out["seed_noise"]["sd"] or 0.0
+  # Gamma. The sweeps' points share their masks like the grid's, so the grid's paired noise is
+  # theirs; without replicates, the seed noise.
+  paired = (out.get("batch") or {}).get("paired_noise") or {}
+  sigma = paired.get("sd") or out["seed_noise"]["sd"] or out["mask_noise"]["sd"] or 0.0
+  out["gamma_noise_sd"] = sigma
   optima = {}
   for tokens, runs in g["sweeps"].items():
     optima[tokens] = fit_optimum([r["kappa_mult"] for r in runs], [_loss(r) for r in runs],
@@ -440,12 +489,16 @@ def train_run(study: Study, run: Run, root: str, devices=None) -> dict:
   """Trains `run` (or returns its stored result); writes OUT/runs/<name>/result.json."""
   workdir = os.path.join(root, "runs", run.name)
   path = os.path.join(workdir, RESULT)
+  arg = study.arg(run)
   if os.path.exists(path):
     with open(path) as f:
-      return json.load(f)
+      result = json.load(f)
+    if result["arg"] != arg:
+      raise ValueError(f"batch study: {path} was trained as {result['arg']!r}, not {arg!r} "
+                       "(another study's settings): use a fresh --out")
+    return result
   from tmdiff.configs.derived import derive
   from tmdiff.train import loop
-  arg = study.arg(run)
   config = _load_experiment().get_config(arg)
   hp = derive(config)
   resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))  # wall_s: this attempt only
@@ -723,6 +776,9 @@ def _noise_lines(b: dict, sn: dict, mn: dict | None, tol: float, replicates: int
                  f"init, data order and eval fixed, as between the grid's runs): sd "
                  f"{_pct(mn['rel_sd'])}, spread {_pct(mn['spread'])}")
     sn = mn  # the noise that separates the grid's runs
+  pn = b.get("paired_noise") or {}
+  if pn.get("rel_sd") is not None:
+    return lines + _replicate_lines(b, pn, tol)
   if sn["sd"] is not None and len(b["below"]) > 1:
     noise_spread = expected_range(len(b["below"])) * sn["rel_sd"] / math.sqrt(replicates)
     each = f" (each the mean of {replicates} mask seeds)" if replicates > 1 else ""
@@ -733,6 +789,47 @@ def _noise_lines(b: dict, sn: dict, mn: dict | None, tol: float, replicates: int
         + ("resolves flatness." if noise_spread < tol else
            "**cannot** tell flat from not flat with one seed per point: more seeds per point "
            "(or a longer horizon) are needed."))
+  return lines
+
+
+def naive_verdict(b: dict, rel_sd: float, replicates: int, base_batch: int) -> dict:
+  """Per naive grid point below B_crit (other than the base run itself): its distance from the
+  flat level in standard errors of that difference (a mean over `replicates` against the mean
+  of the flat points), and whether every one is worse by at least 2."""
+  flat_points = sum(1 for x in b["batches"] if x <= base_batch)
+  se = rel_sd * math.sqrt(1.0 / replicates + 1.0 / (replicates * flat_points))
+  z = {k: v / se for k, v in b["naive_rel"].items() if k in b["below"] and k != base_batch}
+  return dict(se=se, z=z, worse=bool(z) and all(v >= 2.0 for v in z.values()))
+
+
+def _replicate_lines(b: dict, pn: dict, tol: float) -> list[str]:
+  reps = pn["replicates"]
+  by = b.get("by_replicate", [])
+  lines = [
+      f"- replicates: the whole grid under {reps} training-mask seeds (masks keyed per example, "
+      "so the runs of a replicate see the same masks); their levels differ by "
+      + ", ".join(f"{100 * v:+.2f}%" for v in pn["level_shifts"])
+      + f"; a run's noise relative to the other runs of its replicate (two-way residual over "
+      f"{pn['points']} grid points): sd **{_pct(pn['rel_sd'])}**",
+      "- per replicate, below B_crit: reparameterised spread " + " / ".join(
+          _pct(x["reparam_spread"]) for x in by) + "; naive spread " + " / ".join(
+          _pct(x["naive_spread"]) for x in by)]
+  if len(b["below"]) > 1:
+    noise_spread = expected_range(len(b["below"])) * pn["rel_sd"] / math.sqrt(reps)
+    lines.append(f"- resolution: {len(b['below'])} points (each a mean of {reps}) differing by "
+                 f"that noise alone would spread by ~{_pct(noise_spread)}, against the "
+                 f"{100 * tol:g}% tolerance")
+  v = naive_verdict(b, pn["rel_sd"], reps, b["base_batch"])
+  if v["z"]:
+    lines.append("- naive runs below B_crit vs the flat level, in standard errors ("
+                 f"{_pct(v['se'])}): " + ", ".join(
+                     f"B={k} {100 * b['naive_rel'][k]:+.2f}% ({z:+.1f} se)"
+                     for k, z in sorted(v["z"].items())))
+  flat = b["reparam_spread"] is not None and b["reparam_spread"] <= tol
+  lines.append(f"- **verdict**: reparameterised runs within {100 * tol:g}% of each other below "
+               f"B_crit: **{'yes' if flat else 'no'}** ({_pct(b['reparam_spread'])}); naive runs "
+               f"worse by >= 2 se at every B below B_crit other than the base: "
+               f"**{'yes' if v['worse'] else 'no'}**")
   return lines
 
 
@@ -1011,6 +1108,8 @@ def main(argv=None):
   p.add_argument("--horizons", default=",".join(f"{h:g}" for h in Study.horizons),
                  help="gamma: other horizons as multiples of base_tokens ('' for none)")
   p.add_argument("--tol", type=float, default=Study.tol)
+  p.add_argument("--noise", default=Study.noise, choices=("example", "step"),
+                 help="training masks keyed per example (shared by the grid's runs) or per step")
   p.add_argument("--seeds", type=int, default=Study.seeds)
   p.add_argument("--mask_seeds", type=int, default=Study.mask_seeds,
                  help="base retrained with this many other training-mask seeds only")
@@ -1061,7 +1160,7 @@ def main(argv=None):
     study = Study(data=data, base_batch=args.base_batch, base_tokens=args.base_tokens,
                   batches=tuple(int(v) for v in args.batches.split(",")),
                   kappas=floats(args.kappas), horizons=floats(args.horizons), tol=args.tol,
-                  seeds=args.seeds, mask_seeds=args.mask_seeds,
+                  noise=args.noise, seeds=args.seeds, mask_seeds=args.mask_seeds,
                   grid_mask_seeds=args.grid_mask_seeds, eval_seeds=args.eval_seeds,
                   clip_control=args.clip_control,
                   other_bases=floats(args.other_bases))

@@ -2,7 +2,8 @@
 
 The train state is a plain dict {step, params, opt_state[, ema]} with params as a pure dict
 (nnx.to_pure_dict), so Orbax saves and restores it onto any mesh. Masks and times of step s are
-drawn from fold_in(key(seed), s): a run is reproducible across restarts and mesh changes.
+drawn from fold_in(key(seed), s), or per example from its stream index
+(diffusion.noise_keys): a run is reproducible across restarts and mesh changes.
 """
 from __future__ import annotations
 
@@ -165,8 +166,8 @@ class Trainer:
     c = self.config
     step = state["step"]
     batch = self._prepare(batch)
-    rng = jax.random.fold_in(jax.random.key(derived.seed_for(c, "masks")), step)
-    corruption = obj_lib.corrupt(batch, rng, self.objective, c.data.max_segments)
+    corruption = obj_lib.step_corruption(batch, step, jax.random.key(derived.seed_for(c, "masks")),
+                                         self.objective, c.data.max_segments)
     total_tokens = jnp.maximum(corruption.elbo_mask.sum().astype(jnp.float32), 1.0)
 
     def loss_fn(params, micro_batch, micro_corruption):
@@ -209,9 +210,9 @@ class Trainer:
     times from time_uniforms[i] (tmdiff.eval.elbo)."""
     batch = jax.lax.with_sharding_constraint(
         {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}, self.batch_sharding)
-    corruption = elbo_lib.corrupt_rows(batch, row_ids, time_uniforms,
-                                       elbo_lib.eval_key(derived.seed_for(self.config, "eval")),
-                                       self.eval_objective, self.config.data.max_segments)
+    corruption = obj_lib.corrupt_examples(
+        batch, row_ids, elbo_lib.eval_key(derived.seed_for(self.config, "eval")),
+        self.eval_objective, self.config.data.max_segments, time_uniforms=time_uniforms)
     logp = self._target_logp(params, batch, corruption, self.eval_graphdef)
     return elbo_lib.row_elbo_sums(logp, corruption, batch["modality"])
 
