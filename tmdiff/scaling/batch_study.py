@@ -712,8 +712,9 @@ def run_study(study: Study, root: str, devices=None, jobs: int = 1, child_args=(
     picks = [g["reparam"][0], g["naive"][0]] if g["reparam"] else []
     for r in [runner.results[s.run(s.base_batch, kappa_mult=k0).name]] + picks:
       run = Run(r["batch"], r["tokens"], r["sde"], r["kappa_mult"], r["seed"])
-      if run.name not in noise:
-        noise[run.name] = {"0": _loss(r), **eval_noise(s, run, root, devices)}
+      if run.name not in noise:  # the run's own loss (picks may be means over replicates)
+        own = runner.results[run.name]
+        noise[run.name] = {"0": _loss(own), **eval_noise(s, run, root, devices)}
     noise = summarise_eval_noise(noise)
   print("[4/4] report", flush=True)
   return dict(results=runner.results, trained=runner.trained, noise=noise)
