@@ -13,10 +13,11 @@ checkpoint, so the command can be re-run until it completes. In order:
   2. batch grid at D_base with the base k0: each B reparameterised (sde=1: kappa = B/B_base) and
      naive (sde=0: the base values; only the step count D/(L B) changes). The grid grows upward
      (x2) until the reparameterised loss leaves the flat level by more than --tol.
-  3. noise: the base point retrained with --seeds other seeds (init, data order, masks); the
-     base and the smallest-B runs re-evaluated under --eval_seeds other eval-mask seeds; and the
-     smallest-B reparameterised run again with gradient clipping (--clip_control; the study
-     itself trains without clipping).
+  3. noise: the whole grid again under --grid_mask_seeds other training-mask seeds
+     (replicates; masks keyed per example, --noise); the base retrained with --seeds other
+     seeds (init, data order, masks); the base and the smallest-B runs re-evaluated under
+     --eval_seeds other eval-mask seeds; and the smallest-B reparameterised run again with
+     gradient clipping (--clip_control; the study itself trains without clipping).
   4. gamma: k sweeps at B_base for the other horizons (--horizons x D_base), centred on the
      optimum the paper's gamma predicts (k0 (D_base/D)^0.44 x {1/2, 1, 2}; grown at a winning
      edge), so that the fit, not the grid, decides.
@@ -28,7 +29,11 @@ Analysis (functions below, tested in tests/test_batch_study.py):
   B_crit      where the reparameterised loss first exceeds the flat level by --tol,
               interpolated in log B between the last grid point below and the first above;
               S_crit = D / (L B_crit);
-  spread      (max - min) / mean of final losses over the grid points below B_crit;
+  spread      (max - min) / mean of final losses over the grid points below B_crit (a point's
+              loss: the mean over its replicates);
+  noise       the two-way residual of ln loss over (grid point, replicate): one run's noise
+              against the other runs of its replicate; the verdict compares the spread with
+              the tolerance and each naive point with the flat level in standard errors;
   gamma       per horizon D, a parabola in ln k through the best point and up to two neighbours
               each side gives k*(D); gamma = -slope of ln k* vs ln D (kappa = (D_base/D)^gamma at
               B_base); uncertainty by a parametric bootstrap with the measured seed noise.
