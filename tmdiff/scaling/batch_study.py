@@ -146,7 +146,7 @@ class Study:
 
 QUICK = dict(seq_len=32, base_batch=4, base_tokens=1024, batches=(4, 8), max_batch=8,
              kappas=(1.0,), horizons=(), max_extend=0, eval_rows=32, seeds=0, mask_seeds=0,
-             eval_seeds=0,
+             grid_mask_seeds=0, eval_seeds=0,
              clip_control=0.0, other_bases=(), quick=True, data="synthetic")
 
 
