@@ -82,9 +82,10 @@ GOLDEN_FRACTION = round((math.sqrt(5.0) - 1.0) / 2.0 * 2**32)   # 1/phi in 32-bi
 def stream_time_uniforms(key, example_ids, slots: int) -> jax.Array:
   """[n, slots] in [0, 1): the golden-ratio sequence over the stream index g,
   u[g, s] = frac(shift_s + (g + 1) / phi), with a random shift per slot from `key`. Any run of
-  n consecutive examples leaves at most 3 in any 1/n of [0, 1) in every slot (three-gap
-  theorem), whatever the batch the run is cut into. Slots of one row are offset by fixed
-  shifts rather than independent. 32-bit fixed point, exact for any g."""
+  n consecutive examples spreads evenly over [0, 1) in every slot (its gaps take at most three
+  lengths, by the three-gap theorem), whatever the batch the run is cut into. Slots of one row
+  are offset by fixed shifts rather than independent. 32-bit fixed point: exact for g < 2^32,
+  where the ids wrap."""
   shift = jax.random.bits(key, (slots,), jnp.uint32)
   g = jnp.asarray(example_ids).astype(jnp.uint32)[:, None] + jnp.uint32(1)
   fixed = shift[None] + g * jnp.uint32(GOLDEN_FRACTION)   # wraps mod 2^32: the fraction
