@@ -282,8 +282,11 @@ def select(results: dict, study: Study) -> dict:
   """The study's groups from a {name: result} dict (runs present so far)."""
   masked = [r for r in results.values() if _mask_seed(r) >= 0 and not _clip(r)]
   rs = [r for r in results.values() if not _clip(r) and _mask_seed(r) < 0]
-  base_sweep = sorted((r for r in rs if r["batch"] == study.base_batch and
-                       r["tokens"] == study.base_tokens and not r["sde"] and r["seed"] == 0),
+
+  def at_base(r, k=None):  # the base point (B_base, D_base), at multiplier k if given
+    return (r["batch"] == study.base_batch and r["tokens"] == study.base_tokens
+            and not r["sde"] and (k is None or r["kappa_mult"] == k))
+  base_sweep = sorted((r for r in rs if at_base(r) and r["seed"] == 0),
                       key=lambda r: r["kappa_mult"])
   k0 = min(base_sweep, key=_loss)["kappa_mult"] if base_sweep else None
 
@@ -298,19 +301,13 @@ def select(results: dict, study: Study) -> dict:
   for r in rs:
     if r["batch"] == study.base_batch and not r["sde"] and r["seed"] == 0:
       sweeps.setdefault(r["tokens"], []).append(r)
-  seeds = {k: sorted((r for r in rs if r["batch"] == study.base_batch and
-                       r["tokens"] == study.base_tokens and r["kappa_mult"] == k and not r["sde"]),
-                      key=lambda r: r["seed"])
+  seeds = {k: sorted((r for r in rs if at_base(r, k)), key=lambda r: r["seed"])
            for k in [k0] + list(others)}
   clipped = [r for r in results.values() if _clip(r)]
-  mask_seeds = {k: [b for b in [next((r for r in rs if r["batch"] == study.base_batch and
-                                      r["tokens"] == study.base_tokens and
-                                      r["kappa_mult"] == k and not r["sde"] and r["seed"] == 0),
-                                     None)] if b]
-                + sorted((r for r in masked if r["kappa_mult"] == k and r["seed"] == 0 and
-                          r["batch"] == study.base_batch and r["tokens"] == study.base_tokens
-                          and not r["sde"]), key=_mask_seed)
-                for k in seeds}
+  # Per base: its seed-0 run, then its training-mask-seed runs.
+  mask_seeds = {k: [r for r in runs if r["seed"] == 0][:1]
+                + sorted((r for r in masked if at_base(r, k) and r["seed"] == 0), key=_mask_seed)
+                for k, runs in seeds.items()}
   return dict(mask_seeds_by_base=mask_seeds, k0=k0, base_sweep=base_sweep, reparam=grid(True), naive=grid(False), clipped=clipped,
               others=others,
               sweeps={d: sorted(v, key=lambda r: r["kappa_mult"]) for d, v in sorted(sweeps.items())},
@@ -712,17 +709,28 @@ def run_study(study: Study, root: str, devices=None, jobs: int = 1, child_args=(
   if s.eval_seeds:
     print(f"[3/4] eval noise: the base and the smallest-B runs under {s.eval_seeds} other eval "
           "seeds", flush=True)
-    noise = {}
     g = select(runner.results, s)
     picks = [g["reparam"][0], g["naive"][0]] if g["reparam"] else []
     for r in [runner.results[s.run(s.base_batch, kappa_mult=k0).name]] + picks:
-      run = Run(r["batch"], r["tokens"], r["sde"], r["kappa_mult"], r["seed"])
-      if run.name not in noise:  # the run's own loss (picks may be means over replicates)
-        own = runner.results[run.name]
-        noise[run.name] = {"0": _loss(own), **eval_noise(s, run, root, devices)}
-    noise = summarise_eval_noise(noise)
+      eval_noise(s, Run(r["batch"], r["tokens"], r["sde"], r["kappa_mult"], r["seed"]), root,
+                 devices)
+    noise = stored_eval_noise(runner.results, s, root)
   print("[4/4] report", flush=True)
   return dict(results=runner.results, trained=runner.trained, noise=noise)
+
+
+def stored_eval_noise(results: dict, study: Study, root: str) -> dict | None:
+  """The eval-noise summary of every run with an eval_noise.json: its own final loss (eval
+  seed "0") beside its re-evaluations, the tuned base first (the reference of the pairs)."""
+  k0 = select(results, study)["k0"]
+  base = study.run(study.base_batch, kappa_mult=k0).name if k0 is not None else None
+  losses = {}
+  for name in sorted(results, key=lambda n: n != base):
+    path = os.path.join(root, "runs", name, NOISE)
+    if os.path.exists(path):
+      with open(path) as f:
+        losses[name] = {"0": _loss(results[name]), **json.load(f)}
+  return summarise_eval_noise(losses) if losses else None
 
 
 def summarise_eval_noise(losses: dict) -> dict:
@@ -766,6 +774,12 @@ def expected_range(n: int) -> float:
   return float(np.trapezoid(1.0 - cdf ** n - (1.0 - cdf) ** n, x))
 
 
+def noise_alone_spread(points: int, rel_sd: float, replicates: int) -> float:
+  """Expected relative spread of `points` means of `replicates` runs each, equal but for noise
+  of relative sd `rel_sd` per run."""
+  return expected_range(points) * rel_sd / math.sqrt(replicates)
+
+
 def _pct(x) -> str:
   return "n/a" if x is None else f"{100 * x:.2f}%"
 
@@ -786,7 +800,7 @@ def _noise_lines(b: dict, sn: dict, mn: dict | None, tol: float, replicates: int
   if pn.get("rel_sd") is not None:
     return lines + _replicate_lines(b, pn, tol)
   if sn["sd"] is not None and len(b["below"]) > 1:
-    noise_spread = expected_range(len(b["below"])) * sn["rel_sd"] / math.sqrt(replicates)
+    noise_spread = noise_alone_spread(len(b["below"]), sn["rel_sd"], replicates)
     each = f" (each the mean of {replicates} mask seeds)" if replicates > 1 else ""
     lines.append(
         f"- resolution: {len(b['below'])} grid points{each} differing by that noise alone would "
@@ -821,7 +835,7 @@ def _replicate_lines(b: dict, pn: dict, tol: float) -> list[str]:
           _pct(x["reparam_spread"]) for x in by) + "; naive spread " + " / ".join(
           _pct(x["naive_spread"]) for x in by)]
   if len(b["below"]) > 1:
-    noise_spread = expected_range(len(b["below"])) * pn["rel_sd"] / math.sqrt(reps)
+    noise_spread = noise_alone_spread(len(b["below"]), pn["rel_sd"], reps)
     lines.append(f"- resolution: {len(b['below'])} points (each a mean of {reps}) differing by "
                  f"that noise alone would spread by ~{_pct(noise_spread)}, against the "
                  f"{100 * tol:g}% tolerance")
@@ -1178,16 +1192,8 @@ def main(argv=None):
       if os.path.exists(path):
         with open(path) as f:
           results[name] = json.load(f)
-    noise_raw = {}
-    k0 = select(results, study)["k0"]
-    base = study.run(study.base_batch, kappa_mult=k0).name if k0 is not None else None
-    for name in sorted(results, key=lambda n: n != base):  # the base first: the reference
-      path = os.path.join(args.out, "runs", name, NOISE)
-      if os.path.exists(path):
-        with open(path) as f:
-          noise_raw[name] = {"0": _loss(results[name]), **json.load(f)}
     state = dict(results=results, trained=0,
-                 noise=summarise_eval_noise(noise_raw) if noise_raw else None)
+                 noise=stored_eval_noise(results, study, args.out))
   else:
     child_args = [f"--devices={args.devices}",
                   f"--jax_cache={os.path.abspath(cache) if cache else ''}"]
