@@ -1,4 +1,4 @@
-"""One run of the batch-size study (issue #6 part 4; docs/batch_study.md): the tiny model at a
+"""One run of the batch-size study (issue #6 part 4; docs/batch_study.md): a tiny model at a
 fixed token horizon and physical batch, with the SDE reparameterisation on or off.
 
   python -m tmdiff.scaling.batch_study --out=runs/batch_study --data_dir=runs/data   # the study
@@ -26,11 +26,19 @@ Argument: comma-separated key=value, all optional:
   noise        training masks and times keyed per 'example' by its index in the data stream
                (default: the same example gets the same masks whatever B, so the grid's runs
                share their randomness) or per 'step' (diffusion.noise_keys)
+  loss_norm    'fixed' (default: the train loss divides by rows x seq, so a token weighs the same
+               at every B, as the reparameterisation assumes) or 'tokens' (by the tokens the
+               batch covers: at B = 1 each row then weighs the same whatever its length)
+               (diffusion.loss_norm)
+  width        d_model (default 64; experiments/tiny.py has 128); heads of 32, 2 query heads per
+               kv head, d_ff = 3 width. The CompleteP base stays 128 x 2 (hidden lr x 128/width).
+  layers       transformer blocks (default 2)
   quick        1: a micro model (d_model 32, 1 layer, seq 32, synthetic data) for tests
 
-Expected on 2 CPU cores (unloaded): ~8k tokens/s at any B (~7k at B=1, where per-step overhead
-shows), so a default run (2^20 tokens) takes ~2 min plus ~15 s of start-up and compilation; two
-runs at once (the study's --jobs=2) ~6.5k tokens/s each.
+Expected on 2 CPU cores (unloaded), two runs at once (the study's --jobs=2): width 64 (0.43M
+parameters) ~14k tokens/s each at B >= 2 (~9k at B = 1, where per-step overhead shows), so a
+default run (2^20 tokens) takes ~80 s plus ~10 s of start-up, compilation and eval; width 128
+(1.05M) ~6.5k tokens/s each.
 """
 import math
 
@@ -38,10 +46,13 @@ from experiments import tiny
 from tmdiff.configs.derived import reparameterise
 
 KEYS = ("batch", "tokens", "sde", "kappa_mult", "base_batch", "base_tokens", "gamma", "seq",
-        "eval_rows", "clip", "data", "seed", "mask_seed", "noise", "quick")
+        "eval_rows", "clip", "data", "seed", "mask_seed", "noise", "loss_norm", "width", "layers",
+        "quick")
 DEFAULTS = dict(batch="4", tokens=str(2**20), sde="0", kappa_mult="1", base_batch="4",
                 base_tokens=str(2**20), gamma="0.44", seq="128", eval_rows="1024", clip="0",
-                data="synthetic", seed="0", mask_seed="-1", noise="example", quick="0")
+                data="synthetic", seed="0", mask_seed="-1", noise="example", loss_norm="fixed", width="64",
+                layers="2",
+                quick="0")
 QUICK_DEFAULTS = dict(batch="4", tokens="1024", base_batch="4", base_tokens="1024", seq="32",
                       eval_rows="32")
 
@@ -65,6 +76,12 @@ def get_config(arg: str = ""):
   a = parse_arg(arg)
   quick = a["quick"] == "1"
   c = tiny.get_config("synthetic" if quick else a["data"])
+  width, layers = int(a["width"]), int(a["layers"])
+  if width % 64:
+    raise ValueError(f"experiments/batch_study.py: width={width} must be a multiple of 64 "
+                     "(heads of 32, two per kv head)")
+  c.model.update(dict(d_model=width, n_layers=layers, n_heads=width // 32,
+                      n_kv_heads=width // 64, head_dim=32, d_ff=3 * width))
   if quick:
     c.model.update(dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64,
                         base_width=32, base_depth=1))
@@ -89,6 +106,7 @@ def get_config(arg: str = ""):
                                          kappa_mult)
   c.optim.update(dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, clip_norm=float(a["clip"])))
   c.diffusion.noise_keys = a["noise"]
+  c.diffusion.loss_norm = a["loss_norm"]
   c.sde.enabled = a["sde"] == "1"
   c.sde.batch_base = int(a["base_batch"])
   c.sde.tokens_base = float(a["base_tokens"])

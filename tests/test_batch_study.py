@@ -219,6 +219,12 @@ def test_experiment_file_reparameterises_from_the_base():
   assert experiment.get_config("").optim.clip_norm == 0.0
   assert experiment.get_config("mask_seed=3").seeds.masks == 3
   assert experiment.get_config("seed=5").seeds.masks == -1  # -1: follows config.seed
+  small = experiment.get_config("width=64,layers=1").model
+  assert (small.d_model, small.n_layers, small.n_heads, small.n_kv_heads, small.d_ff) == \
+      (64, 1, 2, 1, 192)
+  assert (small.base_width, small.base_depth) == (128, 2)  # CompleteP scales from the tiny model
+  with pytest.raises(ValueError, match="width=96 must be a multiple of 64"):
+    experiment.get_config("width=96")
   with pytest.raises(ValueError, match="eval_rows=1000 must be a multiple of batch=16"):
     experiment.get_config("batch=16,eval_rows=1000")
   with pytest.raises(ValueError, match="bad argument 'bacth=4'"):

@@ -205,6 +205,38 @@ def test_example_keyed_masks_do_not_depend_on_the_batch(anti_masking):
   assert not np.array_equal(np.asarray(step_keyed.t), np.asarray(whole.t))
 
 
+def test_fixed_loss_norm_makes_the_batch_loss_the_mean_of_its_examples_losses():
+  """With per-example masks, a batch's train loss under loss_norm 'fixed' is the mean of its
+  rows' losses taken one row per step, so is its gradient (the normaliser is a constant): a
+  token weighs the same at any batch size. 'tokens' breaks this when rows differ in length."""
+  obj = obj_lib.Objective((sched_lib.Linear(),) * 3, LAYOUT.mask, t_min=0.01,
+                          noise_keys="example")
+  bias = obj_lib.modality_logit_bias(LAYOUT)
+  rng = np.random.default_rng(3)
+  rows, length = 6, 10
+  batch = _batch(np.zeros(length), np.zeros(length), rows)
+  batch["tokens"] = jnp.asarray(rng.integers(*LAYOUT.text_range, size=(rows, length)), jnp.int32)
+  lengths = np.array([10, 4, 7, 10, 2, 6])  # padding after each row's tokens
+  batch["loss_mask"] = jnp.asarray(np.arange(length)[None] < lengths[:, None], jnp.int32)
+  key = jax.random.key(5)
+
+  def loss(b, step, norm):
+    c = obj_lib.step_corruption(b, jnp.int32(step), key, obj, 1)
+    logp = _denoiser_log_probs(c.tokens, b["tokens"], b["modality"], bias)
+    nll = jnp.sum(jnp.where(c.supervised, -logp * c.weight, 0.0))
+    return float(nll / obj_lib.loss_normaliser(c, norm))
+  for norm, equal in (("fixed", True), ("tokens", False)):
+    whole = loss(batch, 0, norm)
+    alone = np.mean([loss(jax.tree.map(lambda x: x[i:i + 1], batch), i, norm)
+                     for i in range(rows)])
+    assert np.isclose(whole, alone, rtol=1e-5) == equal, (norm, whole, alone)
+  c = obj_lib.step_corruption(batch, jnp.int32(0), key, obj, 1)
+  assert float(obj_lib.loss_normaliser(c, "tokens")) == lengths.sum()
+  assert float(obj_lib.loss_normaliser(c, "fixed")) == rows * length
+  with pytest.raises(ValueError, match="unknown loss_norm"):
+    obj_lib.loss_normaliser(c, "rows")
+
+
 @pytest.mark.parametrize("sampling", ["iid", "stratified"])
 def test_example_keyed_estimator_matches_exact_elbo(sampling):
   schedules = (sched_lib.Linear(), sched_lib.make_schedule("cosine"), sched_lib.Linear())

@@ -121,6 +121,26 @@ def test_gradient_accumulation_and_remat_match_one_big_batch():
   np.testing.assert_allclose(one, accumulated, rtol=1e-5)
 
 
+def test_fixed_loss_norm_scales_the_gradient_by_the_covered_fraction():
+  """loss_norm 'fixed' divides by rows x seq_len instead of the covered tokens: the reported
+  loss is the same, the gradient shrinks by covered / (rows x seq_len)."""
+  from tmdiff.configs import derived
+  from tmdiff.diffusion import objective as obj_lib
+  keys = ("loss", "grad_norm")
+  per_token = _two_steps_on_one_batch(tiny_config(), jax.devices()[:1], keys)
+  c = tiny_config(**{"diffusion.loss_norm": "fixed"})
+  fixed = _two_steps_on_one_batch(c, jax.devices()[:1], keys)
+  trainer = Trainer(c, make_mesh(c, jax.devices()[:1]))
+  batch = jax.tree.map(jax.numpy.asarray, next(iter(pipeline.make_dataset(c, "train"))))
+  covered = float(obj_lib.step_corruption(
+      batch, jax.numpy.int32(0), jax.random.key(derived.seed_for(c, "masks")), trainer.objective,
+      c.data.max_segments).elbo_mask.sum())
+  assert 0 < covered < batch["tokens"].size  # the tiny data has padding
+  np.testing.assert_allclose(fixed[0, 0], per_token[0, 0], rtol=1e-6)
+  np.testing.assert_allclose(fixed[0, 1], per_token[0, 1] * covered / batch["tokens"].size,
+                             rtol=1e-5)
+
+
 def test_loss_decreases_and_bits_per_modality_are_reported(tmp_path):
   c = tiny_config(**{"train.steps": 60, "train.ckpt_every": 60, "train.log_every": 10,
                      "train.eval_every": 10})

@@ -47,6 +47,11 @@ def get_base_config() -> mlc.ConfigDict:
       # Training masks keyed by step (one draw per batch) | example (by stream index: the
       # same example gets the same masks and time whatever the physical batch).
       noise_keys="step",
+      # The train loss divides the batch's weighted NLL by: tokens (the ELBO tokens the batch
+      # covers: each step a per-token mean) | fixed (rows x seq_len: every token weighs the same
+      # whatever the batch it lands in, so the step's gradient is a mean of per-example
+      # gradients, as the SDE reparameterisation assumes).
+      loss_norm="tokens",
       cond_target_only_prob=0.5,   # pairs: probability of masking the target only (T2I / T2S)
       cond_drop_prob=0.1,     # pairs: probability of dropping the condition (CFG training)
   ))

@@ -73,6 +73,8 @@ def validate(config, num_devices: int | None = None) -> None:
            f"{d.time_sampling!r} not in {objective.TIME_SAMPLING}")
   _require(d.noise_keys in objective.NOISE_KEYS, "diffusion.noise_keys",
            f"{d.noise_keys!r} not in {objective.NOISE_KEYS}")
+  _require(d.loss_norm in objective.LOSS_NORMS, "diffusion.loss_norm",
+           f"{d.loss_norm!r} not in {objective.LOSS_NORMS}")
   for k in ("cond_target_only_prob", "cond_drop_prob"):
     _require(0.0 <= d[k] <= 1.0, f"diffusion.{k}", f"must be in [0, 1], got {d[k]}")
   _require(d.cond_target_only_prob + d.cond_drop_prob <= 1.0, "diffusion.cond_drop_prob",

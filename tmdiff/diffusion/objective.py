@@ -26,6 +26,7 @@ from tmdiff.diffusion import schedules as schedules_lib
 
 TIME_SAMPLING = ("iid", "stratified")
 NOISE_KEYS = ("step", "example")
+LOSS_NORMS = ("tokens", "fixed")
 LN2 = math.log(2.0)
 
 
@@ -206,6 +207,17 @@ def elbo_sums(target_logp, corruption: Corruption, modality) -> dict:
       "tokens": jnp.einsum("bl,blm->m", corruption.elbo_mask.astype(jnp.float32), one_hot),
       "masked": jnp.einsum("bl,blm->m", corruption.supervised.astype(jnp.float32), one_hot),
   }
+
+
+def loss_normaliser(corruption: Corruption, loss_norm: str) -> jax.Array:
+  """What the train loss divides the batch's weighted NLL by (diffusion.loss_norm): the ELBO
+  tokens the batch covers ('tokens'), or every position of the batch ('fixed', a constant: a
+  token's weight then does not depend on the other rows of its batch)."""
+  if loss_norm == "tokens":
+    return jnp.maximum(corruption.elbo_mask.sum().astype(jnp.float32), 1.0)
+  if loss_norm == "fixed":
+    return jnp.float32(corruption.elbo_mask.size)
+  raise ValueError(f"unknown loss_norm {loss_norm!r}; choose from {LOSS_NORMS}")
 
 
 def summarize(sums: dict) -> dict:

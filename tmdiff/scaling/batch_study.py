@@ -92,6 +92,10 @@ class Run:
 class Study:
   data: str = "synthetic"                 # prepared data directory or 'synthetic'
   seq_len: int = 128
+  # The model (experiments/batch_study.py width, layers). Width 64 runs ~2.5x faster than 128 on
+  # a CPU, and the noise between runs is no larger (docs/batch_study.md): the hour buys replicates.
+  width: int = 64
+  layers: int = 2
   base_batch: int = 4
   base_tokens: int = 2**20
   batches: tuple = (1, 2, 4, 8, 16)
@@ -110,12 +114,14 @@ class Study:
   # examples with the same masks whatever its batch, so runs differ only by B and the
   # hyperparameters) or per 'step' (diffusion.noise_keys).
   noise: str = "example"
+  # The train loss's normaliser (diffusion.loss_norm): 'fixed' weighs a token the same at any B.
+  loss_norm: str = "fixed"
   seeds: int = 0                          # base retrained with other seeds (all randomness)
   mask_seeds: int = 1                     # ... and with other training-mask seeds only
   # Every grid point again with this many other training-mask seeds: replicate i is the whole
   # grid under mask seed i. A point's loss is the mean over replicates; the scatter of the
   # replicates about the grid's pattern is the noise of the comparison.
-  grid_mask_seeds: int = 1
+  grid_mask_seeds: int = 5
   eval_seeds: int = 2
   clip_control: float = 0.0               # > 0: the smallest-B reparameterised run again, clipped
   # The batch grid again from these other bases (multipliers k of the defaults), e.g. 1: the
@@ -137,7 +143,7 @@ class Study:
                  kappa_mult=repr(run.kappa_mult), base_batch=self.base_batch,
                  base_tokens=self.base_tokens, seq=self.seq_len, eval_rows=self.eval_rows,
                  clip=repr(run.clip), data=self.data, seed=run.seed, mask_seed=run.mask_seed,
-                 noise=self.noise, quick=int(self.quick))
+                 noise=self.noise, loss_norm=self.loss_norm, width=self.width, layers=self.layers, quick=int(self.quick))
     return ",".join(f"{k}={v}" for k, v in parts.items())
 
   def steps(self, batch, tokens=None) -> int:
@@ -1121,15 +1127,21 @@ def main(argv=None):
   p.add_argument("--docs", default="", help="also update DIR/batch_study.md and DIR/img/")
   p.add_argument("--quick", action="store_true", help="3 micro runs on synthetic data")
   p.add_argument("--devices", type=int, default=0, help="use the first N devices (0: all)")
+  p.add_argument("--width", type=int, default=Study.width, help="d_model of every run")
+  p.add_argument("--layers", type=int, default=Study.layers, help="blocks of every run")
   p.add_argument("--base_batch", type=int, default=Study.base_batch)
   p.add_argument("--base_tokens", type=int, default=Study.base_tokens)
   p.add_argument("--batches", default=",".join(map(str, Study.batches)))
   p.add_argument("--kappas", default=",".join(f"{k:g}" for k in Study.kappas))
   p.add_argument("--horizons", default=",".join(f"{h:g}" for h in Study.horizons),
                  help="gamma: other horizons as multiples of base_tokens ('' for none)")
+  p.add_argument("--max_extend", type=int, default=Study.max_extend,
+                 help="k sweeps grow by at most this many points at a winning edge")
   p.add_argument("--tol", type=float, default=Study.tol)
   p.add_argument("--noise", default=Study.noise, choices=("example", "step"),
                  help="training masks keyed per example (shared by the grid's runs) or per step")
+  p.add_argument("--loss_norm", default=Study.loss_norm, choices=("fixed", "tokens"),
+                 help="train loss divided by rows x seq (fixed) or by the covered tokens")
   p.add_argument("--seeds", type=int, default=Study.seeds)
   p.add_argument("--mask_seeds", type=int, default=Study.mask_seeds,
                  help="base retrained with this many other training-mask seeds only")
@@ -1177,10 +1189,11 @@ def main(argv=None):
       if not args.analyse_only:
         ensure_data(data)
     floats = lambda s: tuple(float(v) for v in s.split(",") if v)  # noqa: E731
-    study = Study(data=data, base_batch=args.base_batch, base_tokens=args.base_tokens,
+    study = Study(data=data, width=args.width, layers=args.layers, base_batch=args.base_batch, base_tokens=args.base_tokens,
                   batches=tuple(int(v) for v in args.batches.split(",")),
                   kappas=floats(args.kappas), horizons=floats(args.horizons), tol=args.tol,
-                  noise=args.noise, seeds=args.seeds, mask_seeds=args.mask_seeds,
+                  max_extend=args.max_extend,
+                  noise=args.noise, loss_norm=args.loss_norm, seeds=args.seeds, mask_seeds=args.mask_seeds,
                   grid_mask_seeds=args.grid_mask_seeds, eval_seeds=args.eval_seeds,
                   clip_control=args.clip_control,
                   other_bases=floats(args.other_bases))

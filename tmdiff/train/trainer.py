@@ -169,10 +169,11 @@ class Trainer:
     corruption = obj_lib.step_corruption(batch, step, jax.random.key(derived.seed_for(c, "masks")),
                                          self.objective, c.data.max_segments)
     total_tokens = jnp.maximum(corruption.elbo_mask.sum().astype(jnp.float32), 1.0)
+    normaliser = obj_lib.loss_normaliser(corruption, c.diffusion.loss_norm)
 
     def loss_fn(params, micro_batch, micro_corruption):
       sums = self._elbo_sums(params, micro_batch, micro_corruption)
-      return sums["nll"].sum() / total_tokens, sums
+      return sums["nll"].sum() / normaliser, sums
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
     accum = c.optim.grad_accum
