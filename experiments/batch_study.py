@@ -36,9 +36,9 @@ Argument: comma-separated key=value, all optional:
   quick        1: a micro model (d_model 32, 1 layer, seq 32, synthetic data) for tests
 
 Expected on 2 CPU cores (unloaded), two runs at once (the study's --jobs=2): width 64 (0.43M
-parameters) ~14k tokens/s each at B >= 2 (~9k at B = 1, where per-step overhead shows), so a
-default run (2^20 tokens) takes ~80 s plus ~10 s of start-up, compilation and eval; width 128
-(1.05M) ~6.5k tokens/s each.
+parameters) ~12k tokens/s each at B = 2-16 (~8.5k at B = 1, where per-step overhead shows, and
+~7.5k at B = 32), so a default run (2^20 tokens) takes 90-140 s with start-up, compilation and
+eval; width 128 (1.05M) ~6.5k tokens/s each.
 """
 import math
 

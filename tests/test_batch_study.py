@@ -196,8 +196,12 @@ def test_grid_points_average_their_mask_seed_replicates():
   assert report["batch"]["b_crit"] is not None and report["batch"]["below"] == [1, 2, 4]
   # Mask noise from the base and its mask seeds 1, 2 (3.03, 2.97, 3.09).
   assert report["mask_noise"]["losses"] == pytest.approx([3.03, 2.97, 3.09])
+  # The replicate analysis covers the points with both replicates; B = 8 naive (above B_crit)
+  # is left out of it.
+  assert report["batch"]["incomplete"] == [f"b8_d{D_BASE}_fixed_k1"]
+  assert report["batch"]["paired_noise"]["points"] == 6
   text = bs.markdown(results, study, report)
-  assert "3 grid points (each the mean of 2 mask seeds)" in text and "(mean of 2)" in text
+  assert "(mean of 2)" in text and f"without every replicate: b8_d{D_BASE}_fixed_k1" in text
 
 
 def test_experiment_file_reparameterises_from_the_base():
@@ -307,3 +311,12 @@ def test_replicated_grid_verdict(naive_b2):
   text = bs.markdown(results, study, report)
   assert "reparameterised runs within 1.5% of each other below B_crit: **yes**" in text
   assert f"other than the base: **{'yes' if naive_b2 > 1 else 'no'}**" in text
+  # A point above B_crit that the study stopped at under one replicate is left out of the
+  # replicate analysis, not a reason to drop it.
+  add(32, D_BASE, True, 1.0, 3.0 * 1.2, mask_seed=-1)
+  partial = bs.analyse(results, study)["batch"]
+  assert partial["first_above"] == 16 and partial["below"] == b["below"]
+  assert partial["incomplete"] == ["b32_d524288_sde_k1"]
+  assert partial["paired_noise"] == b["paired_noise"]
+  assert "left out, without every replicate: b32_d524288_sde_k1" in bs.markdown(
+      results, study, bs.analyse(results, study))

@@ -363,11 +363,22 @@ def paired_noise(table) -> dict:
               level_shifts=[float(v) for v in np.exp(x.mean(0) - x.mean()) - 1.0])
 
 
+def replicates(run: dict) -> int:
+  return len(run.get("replicate_losses", ()))
+
+
+def complete(runs: list) -> list:
+  """The runs that have the most replicates any of them has (a grid point still being
+  replicated, or one the study stopped at, is left out)."""
+  full = max(map(replicates, runs), default=0)
+  return [r for r in runs if replicates(r) == full]
+
+
 def replicate_table(runs: list) -> np.ndarray | None:
   """[points, replicates] losses of the distinct grid runs that have every replicate."""
-  distinct = {r["name"]: r for r in runs if r.get("replicate_losses")}
+  distinct = {r["name"]: r for r in complete(runs) if replicates(r)}
   rows = [r["replicate_losses"] for r in distinct.values()]
-  if len(rows) < 2 or len({len(x) for x in rows}) != 1:
+  if len(rows) < 2:
     return None
   return np.asarray(rows, np.float64)
 
@@ -392,10 +403,14 @@ def batch_analysis(reparam: list, naive: list, study: Study) -> dict:
   if b_crit and reparam:
     r0 = reparam[0]
     crit["kappa_at_b_crit"] = r0["kappa_mult"] * b_crit / study.base_batch
-  reps = {len(r.get("replicate_losses", ())) for r in reparam + naive}
-  if len(reps) == 1 and min(reps) > 1:  # every grid point has all its replicates
+  full = complete(reparam + naive)
+  n_reps = replicates(full[0]) if full else 0
+  # Replicate analysis over the points with every replicate; those below B_crit must all be.
+  if n_reps > 1 and all(r in full for r in rep_below + naive_below):
+    crit["incomplete"] = sorted({r["name"] for r in reparam + naive} - {r["name"] for r in full})
+    naive = [r for r in naive if r in full]
     crit["by_replicate"] = []
-    for j in range(min(reps)):
+    for j in range(n_reps):
       flat_j = float(np.mean([r["replicate_losses"][j] for r in reparam
                               if r["batch"] <= study.base_batch]))
       crit["by_replicate"].append(dict(
@@ -404,7 +419,7 @@ def batch_analysis(reparam: list, naive: list, study: Study) -> dict:
           naive_spread=spread([r["replicate_losses"][j] for r in naive_below])
           if len(naive_below) > 1 else None,
           naive_rel={int(r["batch"]): r["replicate_losses"][j] / flat_j - 1.0 for r in naive}))
-    table = replicate_table(reparam + naive)
+    table = replicate_table(full)
     crit["paired_noise"] = paired_noise(table) if table is not None else None
   crit["per_modality"] = {
       m: dict(reparam_spread=spread([_metric(r, f"bits_per_token/{m}") for r in rep_below])
@@ -836,7 +851,9 @@ def _replicate_lines(b: dict, pn: dict, tol: float) -> list[str]:
       "so the runs of a replicate see the same masks); their levels differ by "
       + ", ".join(f"{100 * v:+.2f}%" for v in pn["level_shifts"])
       + f"; a run's noise relative to the other runs of its replicate (two-way residual over "
-      f"{pn['points']} grid points): sd **{_pct(pn['rel_sd'])}**",
+      f"{pn['points']} grid points): sd **{_pct(pn['rel_sd'])}**"
+      + (f" (left out, without every replicate: {', '.join(b['incomplete'])})"
+         if b.get("incomplete") else ""),
       "- per replicate, below B_crit: reparameterised spread " + " / ".join(
           _pct(x["reparam_spread"]) for x in by) + "; naive spread " + " / ".join(
           _pct(x["naive_spread"]) for x in by)]
