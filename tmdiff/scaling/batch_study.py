@@ -143,7 +143,8 @@ class Study:
                  kappa_mult=repr(run.kappa_mult), base_batch=self.base_batch,
                  base_tokens=self.base_tokens, seq=self.seq_len, eval_rows=self.eval_rows,
                  clip=repr(run.clip), data=self.data, seed=run.seed, mask_seed=run.mask_seed,
-                 noise=self.noise, loss_norm=self.loss_norm, width=self.width, layers=self.layers, quick=int(self.quick))
+                 noise=self.noise, loss_norm=self.loss_norm, width=self.width,
+                 layers=self.layers, quick=int(self.quick))
     return ",".join(f"{k}={v}" for k, v in parts.items())
 
   def steps(self, batch, tokens=None) -> int:
@@ -1206,11 +1207,12 @@ def main(argv=None):
       if not args.analyse_only:
         ensure_data(data)
     floats = lambda s: tuple(float(v) for v in s.split(",") if v)  # noqa: E731
-    study = Study(data=data, width=args.width, layers=args.layers, base_batch=args.base_batch, base_tokens=args.base_tokens,
+    study = Study(data=data, width=args.width, layers=args.layers, base_batch=args.base_batch,
+                  base_tokens=args.base_tokens,
                   batches=tuple(int(v) for v in args.batches.split(",")),
                   kappas=floats(args.kappas), horizons=floats(args.horizons), tol=args.tol,
-                  max_extend=args.max_extend,
-                  noise=args.noise, loss_norm=args.loss_norm, seeds=args.seeds, mask_seeds=args.mask_seeds,
+                  max_extend=args.max_extend, noise=args.noise, loss_norm=args.loss_norm,
+                  seeds=args.seeds, mask_seeds=args.mask_seeds,
                   grid_mask_seeds=args.grid_mask_seeds, eval_seeds=args.eval_seeds,
                   clip_control=args.clip_control,
                   other_bases=floats(args.other_bases))
