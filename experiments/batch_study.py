@@ -51,8 +51,7 @@ KEYS = ("batch", "tokens", "sde", "kappa_mult", "base_batch", "base_tokens", "ga
 DEFAULTS = dict(batch="4", tokens=str(2**20), sde="0", kappa_mult="1", base_batch="4",
                 base_tokens=str(2**20), gamma="0.44", seq="128", eval_rows="1024", clip="0",
                 data="synthetic", seed="0", mask_seed="-1", noise="example", loss_norm="fixed",
-                width="64", layers="2",
-                quick="0")
+                width="64", layers="2", quick="0")
 QUICK_DEFAULTS = dict(batch="4", tokens="1024", base_batch="4", base_tokens="1024", seq="32",
                       eval_rows="32")
 

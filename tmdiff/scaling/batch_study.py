@@ -405,11 +405,12 @@ def batch_analysis(reparam: list, naive: list, study: Study) -> dict:
     r0 = reparam[0]
     crit["kappa_at_b_crit"] = r0["kappa_mult"] * b_crit / study.base_batch
   full = complete(reparam + naive)
+  full_names = {r["name"] for r in full}
   n_reps = replicates(full[0]) if full else 0
   # Replicate analysis over the points with every replicate; those below B_crit must all be.
-  if n_reps > 1 and all(r in full for r in rep_below + naive_below):
-    crit["incomplete"] = sorted({r["name"] for r in reparam + naive} - {r["name"] for r in full})
-    naive = [r for r in naive if r in full]
+  if n_reps > 1 and all(r["name"] in full_names for r in rep_below + naive_below):
+    crit["incomplete"] = sorted({r["name"] for r in reparam + naive} - full_names)
+    naive = [r for r in naive if r["name"] in full_names]
     crit["by_replicate"] = []
     for j in range(n_reps):
       flat_j = float(np.mean([r["replicate_losses"][j] for r in reparam
@@ -1138,6 +1139,7 @@ def ensure_data(data_dir: str) -> None:
 
 
 def main(argv=None):
+  from tmdiff.diffusion import objective as obj_lib
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", required=True, help="study directory (runs/ and report/)")
   p.add_argument("--data_dir", default="runs/data",
@@ -1156,9 +1158,9 @@ def main(argv=None):
   p.add_argument("--max_extend", type=int, default=Study.max_extend,
                  help="k sweeps grow by at most this many points at a winning edge")
   p.add_argument("--tol", type=float, default=Study.tol)
-  p.add_argument("--noise", default=Study.noise, choices=("example", "step"),
+  p.add_argument("--noise", default=Study.noise, choices=obj_lib.NOISE_KEYS,
                  help="training masks keyed per example (shared by the grid's runs) or per step")
-  p.add_argument("--loss_norm", default=Study.loss_norm, choices=("fixed", "tokens"),
+  p.add_argument("--loss_norm", default=Study.loss_norm, choices=obj_lib.LOSS_NORMS,
                  help="train loss divided by rows x seq (fixed) or by the covered tokens")
   p.add_argument("--seeds", type=int, default=Study.seeds)
   p.add_argument("--mask_seeds", type=int, default=Study.mask_seeds,

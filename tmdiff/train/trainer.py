@@ -168,7 +168,7 @@ class Trainer:
     batch = self._prepare(batch)
     corruption = obj_lib.step_corruption(batch, step, jax.random.key(derived.seed_for(c, "masks")),
                                          self.objective, c.data.max_segments)
-    total_tokens = jnp.maximum(corruption.elbo_mask.sum().astype(jnp.float32), 1.0)
+    total_tokens = obj_lib.loss_normaliser(corruption, "tokens")
     normaliser = obj_lib.loss_normaliser(corruption, c.diffusion.loss_norm)
 
     def loss_fn(params, micro_batch, micro_corruption):
