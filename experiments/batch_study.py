@@ -30,6 +30,8 @@ Argument: comma-separated key=value, all optional:
                at every B, as the reparameterisation assumes) or 'tokens' (by the tokens the
                batch covers: at B = 1 each row then weighs the same whatever its length)
                (diffusion.loss_norm)
+  min_lr       the cosine schedule's floor as a fraction of the peak lr (default 0.1:
+               optim.min_lr_ratio; 0 anneals to zero)
   width        d_model (default 64; experiments/tiny.py has 128); heads of 32, 2 query heads per
                kv head, d_ff = 3 width. The CompleteP base stays 128 x 2 (hidden lr x 128/width).
   layers       transformer blocks (default 2)
@@ -46,12 +48,12 @@ from experiments import tiny
 from tmdiff.configs.derived import reparameterise
 
 KEYS = ("batch", "tokens", "sde", "kappa_mult", "base_batch", "base_tokens", "gamma", "seq",
-        "eval_rows", "clip", "data", "seed", "mask_seed", "noise", "loss_norm", "width", "layers",
-        "quick")
+        "eval_rows", "clip", "data", "seed", "mask_seed", "noise", "loss_norm", "min_lr", "width",
+        "layers", "quick")
 DEFAULTS = dict(batch="4", tokens=str(2**20), sde="0", kappa_mult="1", base_batch="4",
                 base_tokens=str(2**20), gamma="0.44", seq="128", eval_rows="1024", clip="0",
                 data="synthetic", seed="0", mask_seed="-1", noise="example", loss_norm="fixed",
-                width="64", layers="2", quick="0")
+                min_lr="0.1", width="64", layers="2", quick="0")
 QUICK_DEFAULTS = dict(batch="4", tokens="1024", base_batch="4", base_tokens="1024", seq="32",
                       eval_rows="32")
 
@@ -103,7 +105,8 @@ def get_config(arg: str = ""):
   kappa_mult = float(a["kappa_mult"])
   lr, beta1, beta2, eps = reparameterise(c.optim.lr, c.optim.beta1, c.optim.beta2, c.optim.eps,
                                          kappa_mult)
-  c.optim.update(dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, clip_norm=float(a["clip"])))
+  c.optim.update(dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, clip_norm=float(a["clip"]),
+                      min_lr_ratio=float(a["min_lr"])))
   c.diffusion.noise_keys = a["noise"]
   c.diffusion.loss_norm = a["loss_norm"]
   c.sde.enabled = a["sde"] == "1"

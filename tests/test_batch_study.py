@@ -280,43 +280,89 @@ def test_paired_noise_is_the_scatter_about_the_grid_pattern():
   assert bs.paired_noise(noisy[:, :1])["sd"] is None
 
 
-@pytest.mark.parametrize("naive_b2", [1.03, 0.99])
-def test_replicated_grid_verdict(naive_b2):
-  """Two replicates with a level shift between them; reparameterised flat, naive worse at B=1
-  and (first case) at B=2: the verdict says so, and the noise comes from the scatter."""
-  study = bs.Study(base_batch=4, base_tokens=D_BASE, batches=(1, 2, 4, 8, 16), grid_mask_seeds=1)
+@pytest.mark.parametrize("naive_worse", [True, False])
+def test_replicated_grid_verdict(naive_worse):
+  """Three replicates with level shifts between them; reparameterised flat, naive either worse
+  (by 4-10% at each B) or the same as reparameterised but for noise: the paired test says
+  which, and its figures agree with scipy's paired t test on the per-replicate means."""
+  from scipy import stats
+  study = bs.Study(base_batch=4, base_tokens=D_BASE, batches=(1, 2, 4, 8, 16), grid_mask_seeds=2)
   results = {}
 
   def add(*args, **kw):
     name, r = fake_result(study, *args, **kw)
     results[name] = r
-  wiggle = {1: 0.001, 2: -0.001, 4: 0.0, 8: 0.0005, 16: -0.0005}
-  naive = {1: 1.04, 2: naive_b2, 8: 1.05, 16: 1.10}
-  for mask_seed, level in ((-1, 3.0), (1, 3.2)):
+  rng = np.random.default_rng(1)
+  naive = {1: 1.04, 2: 1.06, 8: 1.05, 16: 1.10} if naive_worse else dict.fromkeys((1, 2, 8, 16), 1.0)
+  ln = {}  # (sde, batch) -> per-replicate ln losses
+  for j, (mask_seed, level) in enumerate(((-1, 3.0), (1, 3.2), (2, 2.9))):
     for b in (1, 2, 4, 8, 16):
       rep = {1: 1.0, 2: 1.003, 4: 1.0, 8: 1.004, 16: 1.05}[b]
-      sign = 1 if mask_seed < 0 else -1    # residual noise: +-wiggle about the pattern
-      add(b, D_BASE, True, 1.0, level * rep * (1 + sign * wiggle[b]), mask_seed=mask_seed)
+      loss = level * rep * math.exp(rng.normal(0, 0.001))
+      add(b, D_BASE, True, 1.0, loss, mask_seed=mask_seed)
+      ln.setdefault((True, b), []).append(math.log(loss))
       if b != 4:
-        add(b, D_BASE, False, 1.0, level * naive[b] * (1 - sign * wiggle[b]), mask_seed=mask_seed)
+        loss = level * rep * naive[b] * math.exp(rng.normal(0, 0.001))
+        add(b, D_BASE, False, 1.0, loss, mask_seed=mask_seed)
+        ln.setdefault((False, b), []).append(math.log(loss))
   report = bs.analyse(results, study)
   b = report["batch"]
   assert b["below"] == [1, 2, 4, 8] and b["reparam_spread"] < 0.015
-  assert len(b["by_replicate"]) == 2 and b["paired_noise"]["replicates"] == 2
+  assert len(b["by_replicate"]) == 3 and b["paired_noise"]["replicates"] == 3
   assert b["paired_noise"]["points"] == 9   # 5 reparameterised + 4 naive
-  assert 0 < b["paired_noise"]["rel_sd"] < 0.002
-  assert b["paired_noise"]["level_shifts"][0] < 0 < b["paired_noise"]["level_shifts"][1]
-  verdict = bs.naive_verdict(b, b["paired_noise"]["rel_sd"], 2, 4)
-  assert set(verdict["z"]) == {1, 2, 8} and verdict["worse"] == (naive_b2 > 1)
+  assert b["paired_noise"]["level_shifts"][2] < 0 < b["paired_noise"]["level_shifts"][1]
+  paired = b["naive_paired"]
+  assert paired["batches"] == [1, 2, 8] and paired["df"] == 2
+  per_rep = lambda sde: np.mean([ln[(sde, x)] for x in (1, 2, 8)], axis=0)  # noqa: E731
+  ref = stats.ttest_rel(per_rep(False), per_rep(True))
+  assert paired["pooled"]["t"] == pytest.approx(ref.statistic, rel=1e-9)
+  assert paired["pooled"]["mean"] == pytest.approx(np.mean(per_rep(False) - per_rep(True)))
+  assert paired["t_crit"] == pytest.approx(4.302653, rel=1e-5)
+  for x in (1, 2, 8):
+    assert paired["per_batch"][x]["mean"] == pytest.approx(
+        np.mean(np.subtract(ln[(False, x)], ln[(True, x)])))
+  assert paired["worse"] == naive_worse
+  verdict = bs.naive_vs_flat(b, b["paired_noise"]["rel_sd"], 3, 4)
+  assert set(verdict["z"]) == {1, 2, 8}
   text = bs.markdown(results, study, report)
   assert "reparameterised runs within 1.5% of each other below B_crit: **yes**" in text
-  assert f"other than the base: **{'yes' if naive_b2 > 1 else 'no'}**" in text
+  assert f"(pooled paired t test, 95%): **{'yes' if naive_worse else 'no'}**" in text
   # A point above B_crit that the study stopped at under one replicate is left out of the
   # replicate analysis, not a reason to drop it.
   add(32, D_BASE, True, 1.0, 3.0 * 1.2, mask_seed=-1)
   partial = bs.analyse(results, study)["batch"]
+  assert partial["naive_paired"] == paired
   assert partial["first_above"] == 16 and partial["below"] == b["below"]
   assert partial["incomplete"] == ["b32_d524288_sde_k1"]
   assert partial["paired_noise"] == b["paired_noise"]
   assert "left out, without every replicate: b32_d524288_sde_k1" in bs.markdown(
       results, study, bs.analyse(results, study))
+
+
+def test_grid_grows_reparameterised_replicates_first(tmp_path):
+  """A point above the given batches gets study.growth_replicates reparameterised runs; it is
+  filled out (every replicate, naive too) only while the loss is still in the band."""
+  study = bs.Study(base_batch=4, base_tokens=D_BASE, batches=(1, 2, 4), grid_mask_seeds=3,
+                   growth_replicates=2)
+  level = {1: 3.0, 2: 3.0, 4: 3.0, 8: 3.01, 16: 3.15, 32: 3.3}
+
+  class Synthetic(bs.Runner):
+    def ensure(self, runs):
+      runs = list(runs)
+      for run in runs:
+        name, r = fake_result(study, run.batch, run.tokens, run.sde, run.kappa_mult,
+                              level[run.batch] * (1.0 if run.sde else 1.02),
+                              mask_seed=run.mask_seed)
+        self.results.setdefault(name, r)
+      return [self.results[r.name] for r in runs]
+  runner = Synthetic(study, str(tmp_path))
+  runner.batch_grid(1.0)
+  trained = {(r["batch"], r["sde"]): 0 for r in runner.results.values()}
+  for r in runner.results.values():
+    trained[(r["batch"], r["sde"])] += 1
+  assert trained == {(1, True): 4, (1, False): 4, (2, True): 4, (2, False): 4, (4, False): 4,
+                     (8, True): 4, (8, False): 4, (16, True): 2}
+  b = bs.analyse(runner.results, study)["batch"]
+  assert b["first_above"] == 16 and b["below"] == [1, 2, 4, 8]
+  assert b["incomplete"] == ["b16_d524288_sde_k1"]
+  assert b["naive_paired"]["pooled"]["mean"] == pytest.approx(math.log(1.02))

@@ -12,7 +12,9 @@ checkpoint, so the command can be re-run until it completes. In order:
      grows at an edge that wins (at most --max_extend points per side).
   2. batch grid at D_base with the base k0: each B reparameterised (sde=1: kappa = B/B_base) and
      naive (sde=0: the base values; only the step count D/(L B) changes). The grid grows upward
-     (x2) until the reparameterised loss leaves the flat level by more than --tol.
+     (x2) until the reparameterised loss leaves the flat level by more than --tol; a new point
+     is trained reparameterised under --growth_replicates replicates first and filled out only
+     while it is still in the band.
   3. noise: the whole grid again under --grid_mask_seeds other training-mask seeds
      (replicates; masks keyed per example, --noise); the base retrained with --seeds other
      seeds (init, data order, masks); the base and the smallest-B runs re-evaluated under
@@ -32,8 +34,10 @@ Analysis (functions below, tested in tests/test_batch_study.py):
   spread      (max - min) / mean of final losses over the grid points below B_crit (a point's
               loss: the mean over its replicates);
   noise       the two-way residual of ln loss over (grid point, replicate): one run's noise
-              against the other runs of its replicate; the verdict compares the spread with
-              the tolerance and each naive point with the flat level in standard errors;
+              against the other runs of its replicate;
+  verdict     the spread against the tolerance; naive against reparameterised at the same B
+              and replicate (the same batches and masks), ln(naive / reparam) averaged over the
+              Bs below B_crit other than B_base, a paired t test over the replicates (95%);
   gamma       per horizon D, a parabola in ln k through the best point and up to two neighbours
               each side gives k*(D); gamma = -slope of ln k* vs ln D (kappa = (D_base/D)^gamma at
               B_base); uncertainty by a parametric bootstrap with the measured seed noise.
@@ -101,7 +105,7 @@ class Study:
   batches: tuple = (1, 2, 4, 8, 16)
   max_batch: int = 1024
   min_steps: int = 8                      # the grid does not grow past D / (L B) < min_steps
-  kappas: tuple = (1.0, 2.0, 4.0)
+  kappas: tuple = (0.5, 1.0, 2.0, 4.0)
   horizons: tuple = (0.25, 0.5)           # gamma: other horizons, multiples of base_tokens
   # Their k sweeps: these multiples of k0 (D_base / D)^gamma_guess (the paper's gamma), grown
   # at a winning edge like the base sweep.
@@ -116,12 +120,16 @@ class Study:
   noise: str = "example"
   # The train loss's normaliser (diffusion.loss_norm): 'fixed' weighs a token the same at any B.
   loss_norm: str = "fixed"
+  min_lr: float = 0.1                     # the cosine floor (optim.min_lr_ratio)
   seeds: int = 0                          # base retrained with other seeds (all randomness)
   mask_seeds: int = 1                     # ... and with other training-mask seeds only
   # Every grid point again with this many other training-mask seeds: replicate i is the whole
   # grid under mask seed i. A point's loss is the mean over replicates; the scatter of the
   # replicates about the grid's pattern is the noise of the comparison.
-  grid_mask_seeds: int = 5
+  grid_mask_seeds: int = 4
+  # A point the grid grows to (above the given batches) is first trained reparameterised under
+  # this many replicates, and filled out only if it is still in the band.
+  growth_replicates: int = 2
   eval_seeds: int = 2
   clip_control: float = 0.0               # > 0: the smallest-B reparameterised run again, clipped
   # The batch grid again from these other bases (multipliers k of the defaults), e.g. 1: the
@@ -143,7 +151,8 @@ class Study:
                  kappa_mult=repr(run.kappa_mult), base_batch=self.base_batch,
                  base_tokens=self.base_tokens, seq=self.seq_len, eval_rows=self.eval_rows,
                  clip=repr(run.clip), data=self.data, seed=run.seed, mask_seed=run.mask_seed,
-                 noise=self.noise, loss_norm=self.loss_norm, width=self.width,
+                 noise=self.noise, loss_norm=self.loss_norm, min_lr=repr(self.min_lr),
+                 width=self.width,
                  layers=self.layers, quick=int(self.quick))
     return ",".join(f"{k}={v}" for k, v in parts.items())
 
@@ -384,6 +393,35 @@ def replicate_table(runs: list) -> np.ndarray | None:
   return np.asarray(rows, np.float64)
 
 
+def naive_paired(reparam: list, naive: list, batches, base_batch: int) -> dict | None:
+  """Naive against reparameterised at the same B and replicate, over `batches` other than the
+  base. The two runs of a pair see the same batches with the same masks and differ only by the
+  hyperparameters, so the replicates' scatter of d = ln(naive / reparam) is the noise of the
+  comparison (a paired t test, replicates - 1 degrees of freedom). Per B, and pooled: each
+  replicate's mean of d over the Bs. None without two replicates of every such point."""
+  from scipy import stats
+  rep = {r["batch"]: r for r in reparam}
+  nai = {r["batch"]: r for r in naive}
+  points = sorted(int(b) for b in batches if b != base_batch and b in rep and b in nai)
+  if not points:
+    return None
+  n = replicates(rep[points[0]])
+  if n < 2 or any(replicates(rep[b]) != n or replicates(nai[b]) != n for b in points):
+    return None
+  d = np.log([nai[b]["replicate_losses"] for b in points]) - np.log(
+      [rep[b]["replicate_losses"] for b in points])
+
+  def test(x):
+    mean, se = float(x.mean()), float(x.std(ddof=1) / math.sqrt(n))
+    return dict(mean=mean, se=se, t=mean / se if se > 0 else math.copysign(math.inf, mean))
+  t_crit = float(stats.t.ppf(0.975, n - 1))
+  pooled = test(d.mean(0))
+  return dict(batches=points, replicates=n, df=n - 1, t_crit=t_crit,
+              per_batch={int(b): test(d[i]) for i, b in enumerate(points)},
+              pooled=pooled, per_replicate=d.mean(0).tolist(),
+              worse=bool(pooled["t"] >= t_crit))
+
+
 def batch_analysis(reparam: list, naive: list, study: Study) -> dict:
   """Critical batch of the reparameterised grid; spreads of both grids below it."""
   crit = critical_batch([r["batch"] for r in reparam], [_loss(r) for r in reparam],
@@ -423,6 +461,7 @@ def batch_analysis(reparam: list, naive: list, study: Study) -> dict:
           naive_rel={int(r["batch"]): r["replicate_losses"][j] / flat_j - 1.0 for r in naive}))
     table = replicate_table(full)
     crit["paired_noise"] = paired_noise(table) if table is not None else None
+    crit["naive_paired"] = naive_paired(rep_below, naive_below, below, study.base_batch)
   crit["per_modality"] = {
       m: dict(reparam_spread=spread([_metric(r, f"bits_per_token/{m}") for r in rep_below])
               if len(rep_below) > 1 else None,
@@ -674,26 +713,42 @@ class Runner:
     return results
 
   def batch_grid(self, base) -> None:
-    """Reparameterised and naive runs from the base multiplier `base`, grown while flat."""
+    """Reparameterised and naive runs from the base multiplier `base`, grown upward (x2) while
+    the reparameterised loss stays in the band. A new point is first trained reparameterised
+    under study.growth_replicates replicates; only if it is still in the band is it filled out
+    (every replicate, naive too), since the analysis uses the naive runs below B_crit alone."""
     s = self.study
     batches = sorted(s.batches)
+    replicas = [-1] + list(range(1, s.grid_mask_seeds + 1))
+
+    def fill(points):
+      self.ensure(s.run(b, sde=sde, kappa_mult=base, mask_seed=i)
+                  for sde in (True, False) for b in points for i in replicas)
+    fill(batches)
     while True:
-      replicas = [-1] + list(range(1, s.grid_mask_seeds + 1))
-      runs = self.ensure(s.run(b, sde=True, kappa_mult=base, mask_seed=i)
-                         for b in batches for i in replicas)
-      runs += self.ensure(s.run(b, sde=False, kappa_mult=base, mask_seed=i)
-                          for b in batches for i in replicas)
-      means = {}  # reparameterised (the base point counts as one) -> mean loss over replicas
-      for r in runs:
-        if r["sde"] or r["batch"] == s.base_batch:
-          means.setdefault(r["batch"], []).append(_loss(r))
-      crit = critical_batch(list(means), [float(np.mean(v)) for v in means.values()],
-                            s.base_batch, s.tol)
       nxt = batches[-1] * 2
-      if crit["b_crit"] is not None or nxt > s.max_batch or s.steps(nxt) < s.min_steps:
+      if self._crit(base, batches)["b_crit"] is not None or nxt > s.max_batch or \
+          s.steps(nxt) < s.min_steps:
         return
-      print(f"  reparameterised loss still flat at B={batches[-1]}: adding B={nxt}", flush=True)
+      print(f"  reparameterised loss still flat at B={batches[-1]}: adding B={nxt} "
+            f"({min(s.growth_replicates, len(replicas))} replicates first)", flush=True)
       batches.append(nxt)
+      self.ensure(s.run(nxt, sde=True, kappa_mult=base, mask_seed=i)
+                  for i in replicas[:max(1, s.growth_replicates)])
+      if self._crit(base, batches)["b_crit"] is None:
+        fill([nxt])
+
+  def _crit(self, base, batches) -> dict:
+    """critical_batch of the reparameterised grid from `base` over `batches`, each point's loss
+    the mean of the replicates trained so far (the base point counts as reparameterised)."""
+    s = self.study
+    means = {}
+    for r in self.results.values():
+      if (r["batch"] in batches and r["tokens"] == s.base_tokens and r["kappa_mult"] == base
+          and r["seed"] == 0 and not _clip(r) and (r["sde"] or r["batch"] == s.base_batch)):
+        means.setdefault(r["batch"], []).append(_loss(r))
+    return critical_batch(list(means), [float(np.mean(v)) for v in means.values()],
+                          s.base_batch, s.tol)
 
 
 def run_study(study: Study, root: str, devices=None, jobs: int = 1, child_args=()) -> dict:
@@ -835,7 +890,7 @@ def _noise_lines(b: dict, sn: dict, mn: dict | None, tol: float, replicates: int
   return lines
 
 
-def naive_verdict(b: dict, rel_sd: float, replicates: int, base_batch: int) -> dict:
+def naive_vs_flat(b: dict, rel_sd: float, replicates: int, base_batch: int) -> dict:
   """Per naive grid point below B_crit (other than the base run itself): its distance from the
   flat level in standard errors of that difference (a mean over `replicates` against the mean
   of the flat points), and whether every one is worse by at least 2."""
@@ -864,17 +919,29 @@ def _replicate_lines(b: dict, pn: dict, tol: float) -> list[str]:
     lines.append(f"- resolution: {len(b['below'])} points (each a mean of {reps}) differing by "
                  f"that noise alone would spread by ~{_pct(noise_spread)}, against the "
                  f"{100 * tol:g}% tolerance")
-  v = naive_verdict(b, pn["rel_sd"], reps, b["base_batch"])
+  v = naive_vs_flat(b, pn["rel_sd"], reps, b["base_batch"])
   if v["z"]:
-    lines.append("- naive runs below B_crit vs the flat level, in standard errors ("
-                 f"{_pct(v['se'])}): " + ", ".join(
+    lines.append("- naive runs below B_crit vs the flat level, in standard errors of that "
+                 f"difference under the residual noise ({_pct(v['se'])}): " + ", ".join(
                      f"B={k} {100 * b['naive_rel'][k]:+.2f}% ({z:+.1f} se)"
                      for k, z in sorted(v["z"].items())))
+  np_ = b.get("naive_paired")
+  if np_:
+    pooled = np_["pooled"]
+    lines.append(
+        "- naive vs reparameterised at the same B and replicate (same batches and masks), "
+        "ln(naive / reparam), mean +- se over the replicates: " + ", ".join(
+            f"B={k} {100 * x['mean']:+.2f}% +- {100 * x['se']:.2f}%"
+            for k, x in np_["per_batch"].items())
+        + f"; pooled over B = {', '.join(map(str, np_['batches']))}: "
+        f"**{100 * pooled['mean']:+.2f}% +- {100 * pooled['se']:.2f}%** (t = {pooled['t']:.1f}, "
+        f"{np_['df']} degrees of freedom; 95% two-sided critical value {np_['t_crit']:.2f})")
   flat = b["reparam_spread"] is not None and b["reparam_spread"] <= tol
+  worse = bool(np_ and np_["worse"])
   lines.append(f"- **verdict**: reparameterised runs within {100 * tol:g}% of each other below "
                f"B_crit: **{'yes' if flat else 'no'}** ({_pct(b['reparam_spread'])}); naive runs "
-               f"worse by >= 2 se at every B below B_crit other than the base: "
-               f"**{'yes' if v['worse'] else 'no'}**")
+               "worse than reparameterised ones below B_crit (pooled paired t test, 95%): "
+               f"**{'yes' if worse else 'no'}**")
   return lines
 
 
@@ -1162,12 +1229,16 @@ def main(argv=None):
                  help="training masks keyed per example (shared by the grid's runs) or per step")
   p.add_argument("--loss_norm", default=Study.loss_norm, choices=obj_lib.LOSS_NORMS,
                  help="train loss divided by rows x seq (fixed) or by the covered tokens")
+  p.add_argument("--min_lr", type=float, default=Study.min_lr,
+                 help="the cosine schedule's floor, a fraction of the peak lr")
   p.add_argument("--seeds", type=int, default=Study.seeds)
   p.add_argument("--mask_seeds", type=int, default=Study.mask_seeds,
                  help="base retrained with this many other training-mask seeds only")
   p.add_argument("--grid_mask_seeds", type=int, default=Study.grid_mask_seeds,
                  help="every grid point again with this many other mask seeds; its loss is the "
                  "mean")
+  p.add_argument("--growth_replicates", type=int, default=Study.growth_replicates,
+                 help="replicates a point above --batches gets before it is known to be flat")
   p.add_argument("--eval_seeds", type=int, default=Study.eval_seeds)
   p.add_argument("--clip_control", type=float, default=Study.clip_control,
                  help="clip norm of the control run (0: no control run)")
@@ -1214,8 +1285,9 @@ def main(argv=None):
                   batches=tuple(int(v) for v in args.batches.split(",")),
                   kappas=floats(args.kappas), horizons=floats(args.horizons), tol=args.tol,
                   max_extend=args.max_extend, noise=args.noise, loss_norm=args.loss_norm,
-                  seeds=args.seeds, mask_seeds=args.mask_seeds,
-                  grid_mask_seeds=args.grid_mask_seeds, eval_seeds=args.eval_seeds,
+                  min_lr=args.min_lr, seeds=args.seeds, mask_seeds=args.mask_seeds,
+                  grid_mask_seeds=args.grid_mask_seeds,
+                  growth_replicates=args.growth_replicates, eval_seeds=args.eval_seeds,
                   clip_control=args.clip_control,
                   other_bases=floats(args.other_bases))
   start = time.perf_counter()
