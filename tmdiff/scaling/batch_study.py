@@ -68,6 +68,7 @@ EXPERIMENT = os.path.join(ROOT, "experiments", "batch_study.py")
 RESULT = "result.json"
 NOISE = "eval_noise.json"
 MODALITIES = ("text", "image", "audio")
+MIN_SPAN = 8  # the verdict asks the flat range to span at least this factor of B
 DOCS_BEGIN, DOCS_END = "<!-- batch_study:begin -->", "<!-- batch_study:end -->"
 
 
@@ -177,30 +178,37 @@ def spread(losses) -> float:
 
 
 def critical_batch(batches, losses, base_batch: int, tol: float) -> dict:
-  """Where the loss first leaves the flat level (mean over B <= base_batch) by more than `tol`,
-  either way: flatness, not improvement, is the claim.
+  """Where the loss stops being flat. The flat set is the grid points up to B_base, then each
+  larger B in turn while the set's spread ((max - min) / mean) stays within `tol`: below B_crit
+  the runs are within `tol` of each other. B_crit interpolates in log B between the last point
+  inside and the first outside, where the spread reaches `tol`.
 
-  -> flat_level, rel (loss / flat - 1 per B), b_crit (log-B interpolation at |rel| = tol; None if
-  no point leaves the band: then b_crit_lower_bound is the largest B), below (the Bs below it).
+  -> flat_level (mean over B <= B_base), rel (loss / flat - 1 per B), below (the flat set),
+  b_crit (None if no point leaves: then b_crit_lower_bound is the largest B; also None, with
+  flat_at_base False, if the points up to B_base alone spread by more than `tol`).
   """
   order = np.argsort(batches)
   b = np.asarray(batches, np.float64)[order]
   loss = np.asarray(losses, np.float64)[order]
   if not (b <= base_batch).any():
     raise ValueError(f"critical_batch: no batch <= base_batch={base_batch} in {list(b)}")
-  flat = float(loss[(b <= base_batch) & np.isfinite(loss)].mean())
-  rel = loss / flat - 1.0
-  out = dict(flat_level=flat, batches=b.tolist(), rel=rel.tolist(), b_crit=None,
-             b_crit_lower_bound=None)
-  dev = np.abs(rel)
-  above = np.flatnonzero((b > base_batch) & (dev > tol))
-  if not len(above):
+  at_base = b <= base_batch
+  flat = float(loss[at_base & np.isfinite(loss)].mean())
+  n = int(at_base.sum())
+  out = dict(flat_level=flat, batches=b.tolist(), rel=(loss / flat - 1.0).tolist(), b_crit=None,
+             b_crit_lower_bound=None, below=b[:n].tolist(), flat_at_base=True)
+  spreads = [spread(loss[:j + 1]) for j in range(len(b))]
+  if spreads[n - 1] > tol:
+    out["flat_at_base"] = False
+    return out
+  outside = [j for j in range(n, len(b)) if spreads[j] > tol]
+  if not outside:
     out["b_crit_lower_bound"] = float(b.max())
     out["below"] = b.tolist()
     return out
-  j = int(above[0])
-  r0, r1 = min(dev[j - 1], tol), dev[j]
-  frac = (tol - r0) / (r1 - r0) if r1 > r0 else 0.0
+  j = outside[0]
+  s0, s1 = spreads[j - 1], spreads[j]
+  frac = (tol - s0) / (s1 - s0) if math.isfinite(s1) else 0.0
   out["b_crit"] = float(math.exp(math.log(b[j - 1]) + frac * (math.log(b[j]) - math.log(b[j - 1]))))
   out["first_above"] = float(b[j])
   out["below"] = b[:j].tolist()
@@ -727,7 +735,8 @@ class Runner:
     fill(batches)
     while True:
       nxt = batches[-1] * 2
-      if self._crit(base, batches)["b_crit"] is not None or nxt > s.max_batch or \
+      crit = self._crit(base, batches)
+      if crit["b_crit"] is not None or not crit["flat_at_base"] or nxt > s.max_batch or \
           s.steps(nxt) < s.min_steps:
         return
       print(f"  reparameterised loss still flat at B={batches[-1]}: adding B={nxt} "
@@ -936,23 +945,29 @@ def _replicate_lines(b: dict, pn: dict, tol: float) -> list[str]:
         + f"; pooled over B = {', '.join(map(str, np_['batches']))}: "
         f"**{100 * pooled['mean']:+.2f}% +- {100 * pooled['se']:.2f}%** (t = {pooled['t']:.1f}, "
         f"{np_['df']} degrees of freedom; 95% two-sided critical value {np_['t_crit']:.2f})")
-  flat = b["reparam_spread"] is not None and b["reparam_spread"] <= tol
+  flat = (b["reparam_spread"] is not None and b["reparam_spread"] <= tol
+          and b["span"] >= MIN_SPAN)
   worse = bool(np_ and np_["worse"])
   lines.append(f"- **verdict**: reparameterised runs within {100 * tol:g}% of each other below "
-               f"B_crit: **{'yes' if flat else 'no'}** ({_pct(b['reparam_spread'])}); naive runs "
+               f"B_crit over a span of at least {MIN_SPAN}x: **{'yes' if flat else 'no'}** "
+               f"({_pct(b['reparam_spread'])} over {b['span']:.0f}x); naive runs "
                "worse than reparameterised ones below B_crit (pooled paired t test, 95%): "
                f"**{'yes' if worse else 'no'}**")
   return lines
 
 
 def _batch_lines(b: dict) -> list[str]:
-  first_rel = b["rel"][b["batches"].index(b["first_above"])] if b["b_crit"] else None
-  crit = (f"B_crit ~ {b['b_crit']:.1f} sequences (S_crit ~ {b['s_crit']:.0f} steps; first grid "
-          f"point outside the band: B={b['first_above']:.0f}, {100 * first_rel:+.2f}% from the "
-          f"flat level; total kappa there {b['kappa_at_b_crit']:.2g})"
-          if b["b_crit"] else
-          f"B_crit > {b['b_crit_lower_bound']:.0f} (not reached; S_crit < "
-          f"{b['s_crit_upper_bound']:.0f} steps)")
+  if b["b_crit"]:
+    j = b["batches"].index(b["first_above"])
+    crit = (f"B_crit ~ {b['b_crit']:.1f} sequences (S_crit ~ {b['s_crit']:.0f} steps; the first "
+            f"grid point that breaks flatness: B={b['first_above']:.0f}, "
+            f"{100 * b['rel'][j]:+.2f}% from the flat level; total kappa there "
+            f"{b['kappa_at_b_crit']:.2g})")
+  elif b.get("flat_at_base", True):
+    crit = (f"B_crit > {b['b_crit_lower_bound']:.0f} (not reached; S_crit < "
+            f"{b['s_crit_upper_bound']:.0f} steps)")
+  else:
+    crit = "no flat range: the batches up to B_base already spread by more than the tolerance"
   return [
       f"- flat level (mean reparameterised loss, B <= B_base): {b['flat_level']:.4f} nats/token",
       f"- {crit}",
