@@ -227,6 +227,9 @@ def test_experiment_file_reparameterises_from_the_base():
   assert experiment.get_config("").optim.clip_norm == 0.0
   assert experiment.get_config("mask_seed=3").seeds.masks == 3
   assert experiment.get_config("seed=5").seeds.masks == -1  # -1: follows config.seed
+  assert experiment.get_config("min_lr=0").optim.min_lr_ratio == 0.0
+  from tmdiff.configs.base import get_base_config
+  assert experiment.get_config("").optim.min_lr_ratio == get_base_config().optim.min_lr_ratio
   small = experiment.get_config("width=64,layers=1").model
   assert (small.d_model, small.n_layers, small.n_heads, small.n_kv_heads, small.d_ff) == \
       (64, 1, 2, 1, 192)
