@@ -349,7 +349,7 @@ def test_replicated_grid_verdict(naive_worse):
 
 def test_grid_grows_reparameterised_replicates_first(tmp_path):
   """A point above the given batches gets study.growth_replicates reparameterised runs; it is
-  filled out (every replicate, naive too) only while the loss is still in the band."""
+  filled out (every replicate, naive too) only while the grid is still flat."""
   study = bs.Study(base_batch=4, base_tokens=D_BASE, batches=(1, 2, 4), grid_mask_seeds=3,
                    growth_replicates=2)
   level = {1: 3.0, 2: 3.0, 4: 3.0, 8: 3.01, 16: 3.15, 32: 3.3}
