@@ -312,3 +312,33 @@ def test_record_codec_round_trip_and_errors():
     records.decode_record(data[:-6] + data[-4:], "f.ar record 7")
   with pytest.raises(records.RecordError, match="bad magic"):
     records.decode_record(b"junkjunkjunkjunk", "f.ar record 0")
+
+
+def test_full_preset_sizes_and_flags_override():
+  full = prepare.parse_args(["--out=x", "--preset=full"])
+  default = prepare.parse_args(["--out=x"])
+  assert full.num_images == 10 * default.num_images and full.num_utterances >= 20000
+  assert len(full.voices.split(",")) > len(default.voices.split(","))
+  assert default.pitch_range == "" and full.pitch_range
+  assert prepare.parse_args(["--out=x", "--preset=full", "--num_images=7"]).num_images == 7
+
+
+@pytest.mark.skipif(not sources.espeak_available(), reason="needs espeak-ng")
+def test_full_preset_small_counts_disjoint_splits_and_varied_speech(tmp_path):
+  """The full preset's sources at a small size: counts, disjoint splits, voice/rate/pitch."""
+  args = _args(tmp_path / "full", preset="full", sources="image_text,audio_text",
+               num_utterances=24, num_val_utterances=6, max_seconds=3.0)
+  manifest = prepare.prepare(args, tokenizers=FAKES)
+  assert manifest.counts["image_text"] == {"train": 40, "validation": 8}
+  assert manifest.counts["audio_text"] == {"train": 24, "validation": 6}
+
+  def metas(source, split):
+    reader = records.ShardReader(manifest.shard_paths(str(tmp_path / "full"), source, split))
+    return [reader[i][1] for i in range(len(reader))]
+  train, val = metas("audio_text", "train"), metas("audio_text", "validation")
+  assert not {m["transcript"] for m in train} & {m["transcript"] for m in val}
+  lo, hi = (int(v) for v in args.pitch_range.split(","))
+  rlo, rhi = (int(v) for v in args.rate_range.split(","))
+  assert all(lo <= m["pitch"] <= hi and rlo <= m["rate_wpm"] <= rhi for m in train + val)
+  assert {m["voice"] for m in train} <= set(sources.MORE_VOICES)
+  assert len({m["voice"] for m in train}) >= 6 and len({m["pitch"] for m in train}) >= 6

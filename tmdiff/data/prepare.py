@@ -36,7 +36,17 @@ DEFAULTS = dict(num_images=4000, num_val_images=200, num_utterances=1200,
                 text_vocab_size=512, max_pair_tokens=128, seed=0,
                 # First-run budget (prepare + tiny training in 15 min on 2 cores); raise
                 # both for better reconstructions.
-                image_tokenizer_steps=1200, audio_tokenizer_steps=1200)
+                image_tokenizer_steps=1200, audio_tokenizer_steps=1200,
+                voices=",".join(sources_lib.VOICES), rate_range="150,190", pitch_range="")
+# `--preset=full`: the same sources, large enough for a 25-100M-parameter model; explicit
+# flags still override.
+PRESETS = {
+    "default": {},
+    "full": dict(num_images=40000, num_val_images=1000, num_utterances=24000,
+                 num_val_utterances=400, image_tokenizer_steps=3000, audio_tokenizer_steps=3000,
+                 voices=",".join(sources_lib.MORE_VOICES), rate_range="130,210",
+                 pitch_range="20,80"),
+}
 
 
 class PrepareError(ValueError):
@@ -178,11 +188,24 @@ def raw_items(source: str, split: str, args) -> list[dict]:
           validation_fraction=args.user_validation_fraction, max_seconds=args.max_seconds))
     num = args.num_utterances if split == "train" else args.num_val_utterances
     from tqdm import tqdm
-    return list(tqdm(sources_lib.spoken_sentences(split, num, seed=args.seed,
-                                                  max_seconds=args.max_seconds),
+    speech = sources_lib.spoken_sentences(
+        split, num, seed=args.seed, max_seconds=args.max_seconds,
+        voices=tuple(v for v in args.voices.split(",") if v), rates=_int_range(args.rate_range),
+        pitches=_int_range(args.pitch_range) if args.pitch_range else None)
+    return list(tqdm(speech,
                      total=num, desc=f"speech {split}", unit="utt", leave=False,
                      file=sys.stderr, disable=None))
   raise PrepareError(f"unknown source {source!r}")
+
+
+def _int_range(text: str) -> tuple[int, int]:
+  try:
+    lo, hi = (int(v) for v in text.split(","))
+  except ValueError:
+    raise PrepareError(f"expected a range LO,HI of integers, got {text!r}") from None
+  if lo > hi:
+    raise PrepareError(f"range {text!r}: LO must not exceed HI")
+  return lo, hi
 
 
 # ----------------------------------------------------------------------------------------
@@ -223,6 +246,8 @@ def make_records(source: str, items: list[dict], toks: dict, args, desc: str,
       else:
         meta.update(transcript=it["transcript"], voice=it.get("voice"),
                     seconds=it.get("seconds"), rate_wpm=it.get("rate_wpm"))
+        if it.get("pitch") is not None:
+          meta["pitch"] = it["pitch"]
       out.append((((cond_name, c), (target_name, t)), meta))
   records = []
   for fields, meta in out:
@@ -250,6 +275,16 @@ def _fingerprint(tokenizer_dirs: dict[str, str]) -> str:
         with open(path, "rb") as f:
           h.update(f.read())
   return h.hexdigest()[:16]
+
+
+def _tokenizer_in_data_dir(out: str, modality: str, directory: str) -> str:
+  """The manifest's entry for a tokenizer: OUT/tokenizers/<modality> relative to OUT, copied
+  there first when it lives elsewhere (--tokenizers), so the data dir carries its tokenizers."""
+  inside = os.path.join(out, "tokenizers", modality)
+  if os.path.realpath(directory) != os.path.realpath(inside):
+    shutil.rmtree(inside, ignore_errors=True)
+    shutil.copytree(directory, inside)
+  return f"tokenizers/{modality}"
 
 
 def _remove_shards(out: str) -> None:
@@ -281,14 +316,16 @@ def prepare(args, tokenizers: dict[str, Any] | None = None) -> records_lib.Manif
   # the tokenizers this directory holds).
   state_path = os.path.join(out, "prepare_state.json")
   options = {k: getattr(args, k) for k in sorted(vars(args))
-             if k not in ("out", "tokenizers", "overwrite")}
+             if k not in ("out", "tokenizers", "overwrite", "preset")}
   previous = None
   if os.path.exists(state_path):
     with open(state_path) as f:
       previous = json.load(f)
-    if previous["options"] != options:
+    # An option newer than the directory counts as unchanged at its default value.
+    changed = sorted(k for k in options
+                     if previous["options"].get(k, DEFAULTS.get(k)) != options[k])
+    if changed:
       if not args.overwrite:
-        changed = sorted(k for k in options if previous["options"].get(k) != options[k])
         raise PrepareError(f"{out} was prepared with other options ({changed}; see "
                            f"{state_path}); use a new --out or pass --overwrite")
       _remove_shards(out)
@@ -334,7 +371,7 @@ def prepare(args, tokenizers: dict[str, Any] | None = None) -> records_lib.Manif
     tokenizer_paths = {m: f"<in-memory {type(t).__name__}>" for m, t in toks.items()}
   else:
     fingerprint = _fingerprint({m: tokenizer_dirs[m] for m in toks})
-    tokenizer_paths = {m: os.path.abspath(tokenizer_dirs[m]) for m in toks}
+    tokenizer_paths = {m: _tokenizer_in_data_dir(out, m, tokenizer_dirs[m]) for m in toks}
 
   # Resume only onto shards written with the same tokenizers.
   state_path = os.path.join(out, "prepare_state.json")
@@ -428,6 +465,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                  " (default: train them into OUT/tokenizers)")
   p.add_argument("--sources", default=",".join(records_lib.SOURCES))
   p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+  p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                 help="data sizes: default (the quickstart's, ~4 min on 2 cores) or full "
+                      "(~10x the images, 24k utterances in 14 voices, varied rate and pitch)")
+  p.add_argument("--voices", default=DEFAULTS["voices"], help="comma-separated espeak-ng voices")
+  p.add_argument("--rate_range", default=DEFAULTS["rate_range"], help="speech rate LO,HI (wpm)")
+  p.add_argument("--pitch_range", default=DEFAULTS["pitch_range"],
+                 help="espeak-ng pitch LO,HI in 0-99 (empty: each voice's own)")
   for name in ("num_images", "num_val_images", "num_utterances", "num_val_utterances",
                "image_size", "shard_records", "text_vocab_size", "max_pair_tokens"):
     p.add_argument(f"--{name}", type=int, default=DEFAULTS[name])
@@ -446,6 +490,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="share of user items held out for validation (by a stable hash)")
   p.add_argument("--overwrite", action="store_true",
                  help="discard shards written with other tokenizers/options")
+  preset, _ = p.parse_known_args(argv)
+  p.set_defaults(**PRESETS[preset.preset])
   return p.parse_args(argv)
 
 

@@ -223,6 +223,9 @@ def captioned_images(split: str, num: int, *, seed: int = 0,
 # Speech with espeak-ng.
 
 VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb+f2", "en-us+m3", "en-gb-scotland")
+# The larger preset's voices: accents and voice variants of espeak-ng's English.
+MORE_VOICES = VOICES + ("en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan", "en-us+f2",
+                        "en-gb+f4", "en-us+m1", "en-gb-x-gbcwmd+f3")
 
 
 def espeak_available() -> bool:
@@ -272,12 +275,14 @@ def resample(x: np.ndarray, rate: int, target: int = AUDIO_SAMPLE_RATE) -> np.nd
   return resample_poly(x.astype(np.float32), up, down, window=_lowpass(up, down)).astype(np.float32)
 
 
-def synthesize(text: str, voice: str, rate_wpm: int = 170) -> np.ndarray:
-  """Speaks `text` with espeak-ng; 16 kHz mono float32."""
+def synthesize(text: str, voice: str, rate_wpm: int = 170,
+               pitch: int | None = None) -> np.ndarray:
+  """Speaks `text` with espeak-ng (pitch 0-99, None: the voice's own); 16 kHz mono float32."""
   if not espeak_available():
     raise SourceError("espeak-ng is not installed (Debian: apt-get install -y espeak-ng)")
-  result = subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate_wpm), "--stdout", text],
-                          capture_output=True)
+  pitch_flag = [] if pitch is None else ["-p", str(int(pitch))]
+  result = subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate_wpm), *pitch_flag,
+                           "--stdout", text], capture_output=True)
   if result.returncode != 0:
     raise SourceError(f"espeak-ng failed for voice {voice!r} on {text!r}: "
                       f"{result.stderr.decode(errors='replace')[-500:]}")
@@ -293,26 +298,33 @@ def _trim_silence(x: np.ndarray, threshold: float = 1e-3, margin: int = 800) -> 
 
 
 def _speak_item(args):
-  index, text, voice, rate_wpm = args
-  return index, _trim_silence(synthesize(text, voice, rate_wpm))
+  index, text, voice, rate_wpm, pitch = args
+  return index, _trim_silence(synthesize(text, voice, rate_wpm, pitch))
 
 
 def spoken_sentences(split: str, num: int, *, seed: int = 0, max_seconds: float = 3.0,
                      voices: tuple[str, ...] = VOICES, workers: int = 2,
+                     rates: tuple[int, int] = (150, 190),
+                     pitches: tuple[int, int] | None = None,
                      sentences: list[str] | None = None,
                      cache_dir: str | None = None) -> Iterator[dict]:
-  """`num` items {"id", "audio", "transcript", "voice", "rate_wpm", "seconds"} for `split`.
+  """`num` items {"id", "audio", "transcript", "voice", "rate_wpm", "pitch", "seconds"}.
 
-  Train and validation draw disjoint sentences. Utterances longer than max_seconds are
-  replaced by the next sentence (deterministically).
+  Each utterance draws a voice, a rate in words per minute from `rates` and, when `pitches`
+  is given, an espeak-ng pitch from it (both ranges inclusive). Train and validation draw
+  disjoint sentences. Utterances longer than max_seconds are replaced by the next sentence
+  (deterministically).
   """
   _check_split(split)
   if sentences is None:
     sentences = speech_sentences(seed=seed, cache_dir=cache_dir)
   pool = [s for s in sentences if _split_of(s, seed, 0.1) == split]
   rng = np.random.default_rng([seed, SPLITS.index(split), 2])
+  pitch_rng = np.random.default_rng([seed, SPLITS.index(split), 3])
   jobs = [(i, pool[i % len(pool)], voices[int(rng.integers(len(voices)))],
-           int(rng.integers(150, 191))) for i in range(len(pool))]
+           int(rng.integers(rates[0], rates[1] + 1)),
+           None if pitches is None else int(pitch_rng.integers(pitches[0], pitches[1] + 1)))
+          for i in range(len(pool))]
   produced, cursor = 0, 0
   executor = None
   if workers > 1:
@@ -329,7 +341,7 @@ def spoken_sentences(split: str, num: int, *, seed: int = 0, max_seconds: float 
         if audio.size > max_seconds * AUDIO_SAMPLE_RATE:
           continue
         yield {"id": f"{split}/speech/{produced}", "audio": audio, "transcript": job[1],
-               "voice": job[2], "rate_wpm": job[3], "seconds": round(audio.size / AUDIO_SAMPLE_RATE, 3)}
+               "voice": job[2], "rate_wpm": job[3], "pitch": job[4], "seconds": round(audio.size / AUDIO_SAMPLE_RATE, 3)}
         produced += 1
   finally:
     if executor:
