@@ -81,6 +81,9 @@ def main():
   p.add_argument("--attention", default="auto")
   p.add_argument("--remat", default="none")
   p.add_argument("--fsdp", type=int, default=1)
+  p.add_argument("--profile", default="", help="trace --profile_steps steps into this dir "
+                 "and print the top device kernels (benchmarks/profile_summary.py)")
+  p.add_argument("--profile_steps", type=int, default=3)
   args = p.parse_args()
 
   c = model_config(args)
@@ -118,6 +121,14 @@ def main():
     print(f"MFU {achieved / sheet:.1%} of datasheet {sheet / 1e12:.0f} TFLOP/s")
   if measured:
     print(f"MFU {achieved / measured:.1%} of measured matmul {measured / 1e12:.0f} TFLOP/s")
+  if args.profile:
+    from benchmarks import profile_summary
+    with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+      for _ in range(args.profile_steps):
+        state, metrics = step(state, batch)
+      jax.block_until_ready(state)
+    print(profile_summary.table(profile_summary.device_kernel_times(
+        profile_summary.load_events(args.profile)), 10, args.profile_steps))
 
 
 if __name__ == "__main__":
