@@ -96,7 +96,9 @@ def main():
   counts = flops_lib.param_counts(m, trainer.layout.padded_size())
   print(header(), f"| devices {jax.device_count()} | params {counts['total'] / 1e6:.1f}M "
         f"(non-embedding {counts['non_embedding'] / 1e6:.1f}M)")
-  state = trainer.init_state()
+  t0 = time.perf_counter()
+  state = jax.block_until_ready(trainer.init_state())
+  print(f"init (compile and run) {time.perf_counter() - t0:.1f}s")
   t0 = time.perf_counter()
   step = trainer.compile_train_step()
   print(f"compile {time.perf_counter() - t0:.1f}s")
