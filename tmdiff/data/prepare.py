@@ -436,6 +436,7 @@ def prepare(args, tokenizers: dict[str, Any] | None = None) -> records_lib.Manif
       if dropped[key]["overlong"]:
         logging.warning("prepare: dropped %d %s pairs longer than --max_pair_tokens=%d",
                         dropped[key]["overlong"], key, args.max_pair_tokens)
+  _speech_judge_assets(out, sources, toks, options, raw)
   extra = {"seed": args.seed, "dropped": dropped, "max_pair_tokens": args.max_pair_tokens,
            "image_size": args.image_size, "audio_sample_rate": sources_lib.AUDIO_SAMPLE_RATE,
            "tokenizer_fingerprint": fingerprint, "prepare_seconds": round(time.time() - start, 1),
@@ -455,6 +456,17 @@ def prepare(args, tokenizers: dict[str, Any] | None = None) -> records_lib.Manif
       shards=shards, counts=counts, tokens=tokens, records_per_shard=per_shard, extra=extra)
   manifest.save(out)
   return manifest
+
+
+def _speech_judge_assets(out: str, sources: list[str], toks: dict, options: dict, raw) -> None:
+  """Clean reference speech for the speech judge (tmdiff.data.speech_assets)."""
+  from tmdiff.data import speech_assets
+  if "audio_text" not in sources or not hasattr(toks.get("audio"), "log_mel"):
+    return
+  key = speech_assets.options_key(options)
+  if not speech_assets.complete(out, toks["audio"], speech_assets.DEFAULT_MAX_TRAIN, key):
+    speech_assets.build(out, lambda split: raw("audio_text", split), toks["audio"],
+                        speech_assets.DEFAULT_MAX_TRAIN, key)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,17 +1,19 @@
 """Speech judge: a CTC character recogniser (Flax NNX) on log-mel frames, plus a lexicon.
 
-Input: the audio tokenizer's log-mel frames ([T, n_mels], 62.5 frames/s by default),
-normalised per utterance and band. Model: two 1-D convolutions (the first halves the frame
-rate), a small bidirectional transformer, and per-step logits over blank + 28 characters
-(space, a-z, apostrophe); greedy CTC decoding. Each decoded word that is not in the lexicon
-(words of the prepared text train split) is replaced by the nearest lexicon word by edit
-distance when that is within a third of its length (ties: the more frequent word).
+Input: the audio tokenizer's log-mel frames ([T, n_mels], 62.5 frames/s by default), pooled
+as the stored speech judge assets are (tmdiff.data.speech_assets.features: 2 frames x 2 bands)
+and normalised per utterance and band. Model: two 1-D convolutions, a bidirectional
+transformer, and per-step logits over blank + 28 characters (space, a-z, apostrophe); greedy
+CTC decoding. Each decoded word that is not in the lexicon (words of the prepared text train
+split) is replaced by the nearest lexicon word by edit distance when that is within a third
+of its length (ties: the more frequent word).
 
-Training data (train split only): the prepared audio records, their tokens decoded back to
-log-mel by the audio tokenizer (the domain generated audio comes from), and fresh espeak-ng
-utterances of train-split sentences the prepared data did not use (clean speech), with
-random band and time masking. Sanity figures: WER on held-out validation utterances, clean,
-through the tokenizer to log-mel, and through the tokenizer to a waveform (Griffin-Lim).
+Training data (train split only, all read from the data dir: no espeak-ng, no network): the
+clean speech that prepare stored under judge_assets/speech/, and the prepared audio records,
+their tokens decoded back to log-mel by the audio tokenizer (the domain generated audio comes
+from), with random band and time masking. Sanity figures: WER on the stored clean validation
+utterances, clean, through the tokenizer to log-mel (their validation records' tokens), and
+through the tokenizer to a waveform (Griffin-Lim).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from tmdiff.data import speech_assets
 from tmdiff.eval import judges as judges_lib
 from tmdiff.eval.text_judge import rms_norm
 
@@ -36,9 +39,9 @@ ALPHABET = " abcdefghijklmnopqrstuvwxyz'"   # id = index + 1; 0 = CTC blank
 BLANK = 0
 LEXICON_FILE = "lexicon.json"
 FRAME_BUCKET = 64  # frames are padded to a multiple of this (fewer compiled shapes)
-DEFAULTS = dict(clean_utterances=400, held_out=60, steps=2500, batch_size=16,
-                learning_rate=2e-3, channels=128, n_layers=2, n_heads=4, max_seconds=3.0,
-                sentence_offset=2000, seed=0)
+DEFAULTS = dict(clean_utterances=12_000, tokenized_utterances=12_000, held_out=300,
+                steps=2500, batch_size=16, learning_rate=2e-3, channels=128, n_layers=2,
+                n_heads=4, band_masks=1, band_width=6, time_masks=1, time_width=4, seed=0)
 
 
 def settings_dict(**overrides) -> dict:
@@ -129,10 +132,15 @@ class Lexicon:
 
 
 # --- features and model ----------------------------------------------------------------------
-def normalize_features(log_mel: np.ndarray) -> np.ndarray:
-  """Per-utterance, per-band mean / std normalisation of log-mel [T, n_mels]."""
-  log_mel = np.asarray(log_mel, np.float32)
-  return (log_mel - log_mel.mean(0)) / (log_mel.std(0) + 1e-3)
+def normalize_features(pooled: np.ndarray) -> np.ndarray:
+  """Per-utterance, per-band mean / std normalisation of pooled log-mel [T, bands]."""
+  pooled = np.asarray(pooled, np.float32)
+  return (pooled - pooled.mean(0)) / (pooled.std(0) + 1e-3)
+
+
+def judge_features(log_mel: np.ndarray) -> np.ndarray:
+  """The tokenizer's log-mel [T, n_mels] -> the recogniser's input (pooled, normalised)."""
+  return normalize_features(speech_assets.features(log_mel))
 
 
 def _sinusoids(length: int, dim: int) -> jnp.ndarray:
@@ -161,17 +169,16 @@ class EncoderBlock(nnx.Module):
 
 
 class CTCRecogniser(nnx.Module):
-  """features [B, T, n_mels], valid [B, T] -> logits [B, T/2, 1 + len(ALPHABET)]."""
+  """features [B, T, bands], valid [B, T] -> logits [B, T, 1 + len(ALPHABET)]."""
 
   def __init__(self, n_mels: int, channels: int, layers: int, heads: int, rngs: nnx.Rngs):
-    self.conv1 = nnx.Conv(n_mels, channels, (5,), strides=(2,), rngs=rngs)
+    self.conv1 = nnx.Conv(n_mels, channels, (5,), rngs=rngs)
     self.conv2 = nnx.Conv(channels, channels, (5,), rngs=rngs)
     self.blocks = nnx.List([EncoderBlock(channels, heads, rngs) for _ in range(layers)])
     self.out = nnx.Linear(channels, 1 + len(ALPHABET), rngs=rngs)
 
   def __call__(self, features, valid):
     x = nnx.silu(self.conv1(features))
-    valid = valid[:, ::2]
     x = nnx.silu(self.conv2(x)) + _sinusoids(x.shape[1], x.shape[2])[None]
     for block in self.blocks:
       x = block(x, valid)
@@ -220,7 +227,7 @@ class SpeechJudge:
     """Transcripts of log-mel [T, n_mels] arrays (the audio tokenizer's log_mel space)."""
     out = []
     for i in range(0, len(log_mels), batch_size):
-      part = [normalize_features(m) for m in log_mels[i:i + batch_size]]
+      part = [judge_features(m) for m in log_mels[i:i + batch_size]]
       part += [part[0]] * (batch_size - len(part))   # one compiled batch size per length
       feats, valid = _pad_batch(part)
       best = np.asarray(_best_path(self.model, feats, valid))
@@ -228,9 +235,22 @@ class SpeechJudge:
     return [self.lexicon.correct_text(t) for t in out] if use_lexicon else out
 
   def wer(self, log_mels: list[np.ndarray], references: list[str]) -> dict:
-    hyps = self.transcribe_features(log_mels)
-    return {**word_error_rate(references, hyps),
-            "character_error_rate": character_error_rate(references, hyps)}
+    return wer_report(self.transcribe_features(log_mels), references)
+
+  def transcribe_pooled(self, pooled: list[np.ndarray], **kwargs) -> list[str]:
+    """Transcripts of already pooled log-mel (the stored assets' features)."""
+    return self.transcribe_features([_unpool(p) for p in pooled], **kwargs)
+
+
+def _unpool(pooled: np.ndarray) -> np.ndarray:
+  """Pooled [T, B] -> [T * TIME_POOL, B * BAND_POOL] that features() maps back to `pooled`."""
+  return np.repeat(np.repeat(np.asarray(pooled, np.float32), speech_assets.TIME_POOL, 0),
+                   speech_assets.BAND_POOL, 1)
+
+
+def wer_report(hyps: list[str], references: list[str]) -> dict:
+  return {**word_error_rate(references, hyps),
+          "character_error_rate": character_error_rate(references, hyps)}
 
 
 def character_error_rate(references, hypotheses) -> float:
@@ -246,64 +266,64 @@ def _lexicon(data_dir: str, text_tokenizer) -> Lexicon:
   return Lexicon(counts)
 
 
-def _build(n_mels: int, s: dict) -> CTCRecogniser:
+def _build(bands: int, s: dict) -> CTCRecogniser:
   from tmdiff.data.tokenizers import _nn
-  return _nn.build(lambda: CTCRecogniser(n_mels, s["channels"], s["n_layers"], s["n_heads"],
+  return _nn.build(lambda: CTCRecogniser(bands, s["channels"], s["n_layers"], s["n_heads"],
                                          nnx.Rngs(0)), s["seed"])
 
 
-def _spoken(split: str, num: int, seed: int, max_seconds: float, sentences=None) -> list[dict]:
-  from tmdiff.data import sources
-  if not sources.espeak_available():
-    raise judges_lib.JudgeError("the speech judge needs espeak-ng for clean speech "
-                                "(Debian: apt-get install -y espeak-ng)")
-  return list(sources.spoken_sentences(split, num, seed=seed, max_seconds=max_seconds,
-                                       sentences=sentences))
+def _clean_split(data_dir: str, split: str, audio_tok):
+  """(pooled features, transcripts, ids) of the stored clean speech of `split`."""
+  try:
+    return speech_assets.load_split(data_dir, split, audio_tok)
+  except speech_assets.AssetError as e:
+    raise judges_lib.JudgeError(str(e)) from None
+
+
+def _spec_augment(f: np.ndarray, rng: np.random.Generator, s: dict) -> np.ndarray:
+  """Zeroes `band_masks` blocks of < band_width bands and `time_masks` of < time_width steps."""
+  f = f.copy()
+  for _ in range(s["band_masks"]):
+    b0, bw = rng.integers(0, f.shape[1]), rng.integers(0, s["band_width"] + 1)
+    f[:, b0:b0 + bw] = 0.0
+  for _ in range(s["time_masks"]):
+    t0, tw = rng.integers(0, len(f)), rng.integers(0, s["time_width"] + 1)
+    f[t0:t0 + tw] = 0.0
+  return f
 
 
 def train(data_dir: str, **overrides) -> SpeechJudge:
-  from tmdiff.data import records, sources
   from tmdiff.data.tokenizers import _nn
   s = settings_dict(**overrides)
-  manifest = records.Manifest.load(data_dir)
   toks = judges_lib.load_tokenizers(data_dir, ("text", "audio"))
   if "audio" not in toks or "text" not in toks:
     raise judges_lib.JudgeError(f"{data_dir}: the speech judge needs the text and audio "
                                 "tokenizers of the prepared data")
-  audio_tok, data_seed = toks["audio"], int(manifest.extra.get("seed", 0))
+  audio_tok = toks["audio"]
+  clean, clean_texts, _ = _clean_split(data_dir, "train", audio_tok)
+  held, refs, held_ids = _clean_split(data_dir, "validation", audio_tok)
+  feats, texts = list(clean[:s["clean_utterances"]]), list(clean_texts[:s["clean_utterances"]])
   judges_lib.log(NAME, "decoding the prepared audio train records to log-mel")
-  feats, texts = [], []
-  for arrays, meta in judges_lib.read_records(data_dir, "audio_text", "train"):
-    feats.append(audio_tok.decode_mel(arrays["audio"]))
+  records = judges_lib.read_records(data_dir, "audio_text", "train", s["tokenized_utterances"])
+  for arrays, meta in records:
+    feats.append(speech_assets.features(audio_tok.decode_mel(arrays["audio"])))
     texts.append(meta["transcript"])
-  n_tokenized = len(feats)
-  if s["clean_utterances"]:
-    judges_lib.log(NAME, f"synthesising {s['clean_utterances']} clean train utterances")
-    fresh = sources.speech_sentences(seed=data_seed)[s["sentence_offset"]:]
-    for item in _spoken("train", s["clean_utterances"], data_seed, s["max_seconds"], fresh):
-      feats.append(audio_tok.log_mel(item["audio"]))
-      texts.append(item["transcript"])
   labels = [encode_chars(t) for t in texts]
-  keep = [i for i, (f, l) in enumerate(zip(feats, labels)) if 0 < len(l) < len(f) // 2 - 1]
+  keep = [i for i, (f, l) in enumerate(zip(feats, labels)) if 0 < len(l) < len(f) - 1]
   feats = [normalize_features(feats[i]) for i in keep]
   labels = [labels[i] for i in keep]
+  if not feats:
+    raise judges_lib.JudgeError(f"{data_dir}: no usable speech to train the speech judge on")
   frames = max(FRAME_BUCKET, -(-max(len(f) for f in feats) // FRAME_BUCKET) * FRAME_BUCKET)
   max_label = max(len(l) for l in labels)
-  judges_lib.log(NAME, f"training on {len(feats)} utterances ({n_tokenized} through the "
-                       f"tokenizer), {s['steps']} steps")
-  model = _build(audio_tok.config.n_mels, s)
+  judges_lib.log(NAME, f"training on {len(feats)} utterances ({min(len(clean), s['clean_utterances'])}"
+                       f" clean, {len(records)} through the tokenizer), {s['steps']} steps")
+  bands = feats[0].shape[1]
+  model = _build(bands, s)
 
   def sample_batch(rng):
     idx = rng.integers(0, len(feats), s["batch_size"])
-    batch = []
-    for i in idx:  # SpecAugment-style masking: one band block and one time block
-      f = feats[i].copy()
-      b0, bw = rng.integers(0, f.shape[1]), rng.integers(0, 10)
-      t0, tw = rng.integers(0, len(f)), rng.integers(0, 8)
-      f[:, b0:b0 + bw] = 0.0
-      f[t0:t0 + tw] = 0.0
-      batch.append(f)
-    x, valid = _pad_batch(batch, frames)
+    x, valid = _pad_batch([_spec_augment(feats[i], rng, s) for i in idx], frames)
     lab = np.zeros((len(idx), max_label), np.int32)
     lab_valid = np.zeros((len(idx), max_label), bool)
     for row, i in enumerate(idx):
@@ -314,23 +334,32 @@ def train(data_dir: str, **overrides) -> SpeechJudge:
                                         b["label_valid"]),
           sample_batch, s["steps"], s["learning_rate"], s["seed"], "judge speech")
   judge = SpeechJudge(model, _lexicon(data_dir, toks["text"]),
-                      {"settings": s, "n_mels": int(audio_tok.config.n_mels)})
-  judges_lib.log(NAME, f"held-out check on {s['held_out']} validation utterances")
-  held = _spoken("validation", s["held_out"], data_seed, s["max_seconds"])
-  refs = [h["transcript"] for h in held]
-  clean = [audio_tok.log_mel(h["audio"]) for h in held]
-  via_tokens = [audio_tok.decode_mel(audio_tok.encode(h["audio"])) for h in held]
-  via_wave = [audio_tok.log_mel(audio_tok.decode(audio_tok.encode(h["audio"]))) for h in held]
-  judge.info["sanity"] = {
-      "held_out_utterances": len(held),
-      "clean": _rounded(judge.wer(clean, refs)),
-      "clean_without_lexicon": round(word_error_rate(
-          refs, judge.transcribe_features(clean, use_lexicon=False))["wer"], 4),
-      "tokenizer_log_mel": _rounded(judge.wer(via_tokens, refs)),
-      "tokenizer_waveform": _rounded(judge.wer(via_wave, refs)),
-      "examples": [{"reference": r, "clean": h} for r, h in
-                   zip(refs[:3], judge.transcribe_features(clean[:3]))]}
+                      {"settings": s, "bands": int(bands)})
+  judge.info["sanity"] = sanity(judge, data_dir, audio_tok, held[:s["held_out"]],
+                                refs[:s["held_out"]], held_ids[:s["held_out"]])
   return judge
+
+
+def sanity(judge: SpeechJudge, data_dir: str, audio_tok, held, refs, ids) -> dict:
+  """WER on clean held-out speech, and on the same utterances through the tokenizer (their
+  validation records' tokens) to log-mel and to a waveform."""
+  judges_lib.log(NAME, f"held-out check on {len(held)} clean validation utterances")
+  tokens = {meta["id"]: arrays["audio"]
+            for arrays, meta in judges_lib.read_records(data_dir, "audio_text", "validation")}
+  paired = [(r, tokens[i]) for r, i in zip(refs, ids) if i in tokens]
+  via_refs = [r for r, _ in paired]
+  via_tokens = [audio_tok.decode_mel(t) for _, t in paired]
+  via_wave = [audio_tok.log_mel(audio_tok.decode(t)) for _, t in paired]
+  hyps = judge.transcribe_pooled(held)
+  return {
+      "held_out_utterances": len(held),
+      "clean": _rounded(wer_report(hyps, refs)),
+      "clean_without_lexicon": round(word_error_rate(
+          refs, judge.transcribe_pooled(held, use_lexicon=False))["wer"], 4),
+      "tokenizer_utterances": len(paired),
+      "tokenizer_log_mel": _rounded(judge.wer(via_tokens, via_refs)),
+      "tokenizer_waveform": _rounded(judge.wer(via_wave, via_refs)),
+      "examples": [{"reference": r, "clean": h} for r, h in zip(refs[:3], hyps[:3])]}
 
 
 def _rounded(d: dict) -> dict:
@@ -338,7 +367,10 @@ def _rounded(d: dict) -> dict:
 
 
 def load(directory: str, info: dict) -> SpeechJudge:
-  model = _build(int(info["n_mels"]), info["settings"])
+  if "bands" not in info:
+    raise judges_lib.JudgeError(f"{directory} holds a speech judge of an older format; "
+                                "retrain it (python -m tmdiff.eval.judges --only=speech --retrain)")
+  model = _build(int(info["bands"]), info["settings"])
   judges_lib.load_params_into(model, directory)
   path = os.path.join(directory, LEXICON_FILE)
   if not os.path.isfile(path):
