@@ -148,11 +148,31 @@ JUDGE_SETTINGS = {
 }
 
 
+SOURCES = "text,image_text,audio_text" if sources.espeak_available() else "text,image_text"
+PREPARE_ARGS = [f"--sources={SOURCES}", "--num_images=60", "--num_val_images=8",
+                "--num_utterances=12", "--num_val_utterances=4", "--image_size=16",
+                "--max_text_docs=60", "--max_seconds=2.0", "--max_pair_tokens=128"]
+
+
+def prepared_config(data_dir):
+  """tiny_config on the prepared data dir `data_dir`, with its vocabulary sizes."""
+  manifest = json.load(open(os.path.join(data_dir, "manifest.json")))
+  c = tiny_config()
+  for k in ("text_size", "image_size", "audio_size"):
+    c.vocab[k] = int(manifest["vocab"].get(k, c.vocab[k]))
+  c.data.source, c.data.data_dir, c.data.seq_len = "prepared", str(data_dir), 128
+  if "audio_text" not in SOURCES:
+    c.data.mixture.audio_text = 0.0
+  return c
+
+
 @pytest.fixture(scope="module")
 def prepared_run(tmp_path_factory):
   """A tiny prepared dataset (a trained SentencePiece, untrained image and audio FSQ
   tokenizers: real encode / decode, no training compile) and a checkpoint of a freshly
   initialised tiny model on it (saved directly: no train-step compile)."""
+  import shutil
+
   from tmdiff.data import prepare
   from tmdiff.data.tokenizers import audio, image, text
   from tmdiff.train import checkpoint
@@ -164,18 +184,9 @@ def prepared_run(tmp_path_factory):
                     ("audio", audio.AudioTokenizer(audio.AudioTokenizerConfig()))):
     os.makedirs(toks / name)
     tok.save(str(toks / name))
-  srcs = "text,image_text,audio_text" if sources.espeak_available() else "text,image_text"
-  prepare.prepare(prepare.parse_args([
-      f"--out={data}", f"--tokenizers={toks}", f"--sources={srcs}", "--num_images=60",
-      "--num_val_images=8", "--num_utterances=12", "--num_val_utterances=4", "--image_size=16",
-      "--max_text_docs=60", "--max_seconds=2.0", "--max_pair_tokens=128"]))
-  manifest = json.load(open(os.path.join(data, "manifest.json")))
-  c = tiny_config()
-  for k in ("text_size", "image_size", "audio_size"):
-    c.vocab[k] = int(manifest["vocab"].get(k, c.vocab[k]))
-  c.data.source, c.data.data_dir, c.data.seq_len = "prepared", data, 128
-  if "audio_text" not in srcs:
-    c.data.mixture.audio_text = 0.0
+  prepare.prepare(prepare.parse_args([f"--out={data}", f"--tokenizers={toks}"] + PREPARE_ARGS))
+  shutil.rmtree(toks)  # the data dir carries its own copies
+  c = prepared_config(data)
   trainer = Trainer(c, make_mesh(c, jax.devices()[:1]))
   params = nnx.to_pure_dict(nnx.state(Transformer(c.model, trainer.layout, rngs=nnx.Rngs(0))))
   workdir = str(root / "run")
@@ -298,3 +309,109 @@ def test_eval_errors_name_the_problem(tmp_path, prepared_run):
     run_eval(workdir, parts=("elbo", "fid"))
   with pytest.raises(EvalError, match="prepared data"):
     run_eval(workdir, data_dir=str(tmp_path / "missing"), parts=("elbo",))
+
+
+# --- a data dir that travels, an eval host with no network ------------------------------------
+def _encodings(toks: dict, text: str, image: np.ndarray) -> dict:
+  return {"text": np.asarray(toks["text"].encode(text)),
+          "image": np.asarray(toks["image"].encode_batch(image[None])[0])}
+
+
+def _image(size: int = 16) -> np.ndarray:
+  return sources.draw_image(np.random.default_rng(7), sources.ImageSpec(size=size))[0]
+
+
+OFFLINE_JUDGES = {  # judges trained on the offline host: only that they train and score
+    "text": dict(d_model=16, n_layers=1, context=16, steps=10, batch_size=8),
+    "image": dict(images=64, held_out=16, steps=10, channels=8, batch_size=16,
+                  reconstructed_fraction=0.25),
+}
+
+
+def test_moved_data_dir_trains_samples_and_evaluates_offline(prepared_run, tmp_path, monkeypatch):
+  """The fixture's data dir (prepared from tokenizers in a folder since deleted), copied and
+  moved: it trains, samples and evaluates (ELBO, text, T2I, judges trained there) from its new
+  path, on a host with no network, espeak-ng or pip."""
+  import shutil
+
+  from offline_host import offline_host
+  from tmdiff import sample as sample_lib
+  from tmdiff.data import records
+  from tmdiff.data.tokenizers import load_tokenizer
+  from tmdiff.eval import judges
+  from tmdiff.eval.__main__ import run_eval
+  from tmdiff.train import loop
+  fixture_data, _ = prepared_run
+  first, moved = tmp_path / "first" / "data", tmp_path / "moved" / "d"
+  shutil.copytree(fixture_data, first, ignore=shutil.ignore_patterns("judges"))
+  moved.parent.mkdir()
+  shutil.move(str(first), str(moved))
+  assert not first.exists()
+  manifest = records.Manifest.load(str(moved))
+  for m, entry in manifest.tokenizers.items():
+    assert not os.path.isabs(entry), manifest.tokenizers
+    assert manifest.tokenizer_dir(str(moved), m).startswith(str(moved)), m
+  # What the moved dir's tokenizers encode equals the fixture dir's, read by explicit path.
+  reference = _encodings({m: load_tokenizer(os.path.join(fixture_data, "tokenizers", m))
+                          for m in ("text", "image")}, "To be, or not to be", _image())
+  got = _encodings(judges.load_tokenizers(str(moved)), "To be, or not to be", _image())
+  for k in reference:
+    np.testing.assert_array_equal(got[k], reference[k])
+
+  c = prepared_config(moved)
+  c.train.steps, c.train.log_every, c.train.ckpt_every = 2, 1, 2
+  c.train.async_checkpointing = False
+  c.sampling.text.steps = c.sampling.image.steps = 4
+  workdir = str(tmp_path / "run")
+  loop.train(c, workdir, devices=jax.devices()[:1])
+
+  blocked = offline_host(monkeypatch, tmp_path)
+  report = run_eval(workdir, batch_size=2, num_samples=2, num_rows=4, out=str(tmp_path / "eval"),
+                    parts=("elbo", "text", "t2i"), devices=jax.devices()[:1],
+                    judge_settings=OFFLINE_JUDGES)
+  assert report["data_dir"] == str(moved) and report["step"] == 2
+  assert set(report["metrics"]) == {"elbo", "text", "t2i"}, report["skipped"]
+  assert math.isfinite(report["metrics"]["elbo"]["bits_per_token/all"])
+  assert math.isfinite(report["metrics"]["text"]["judge_perplexity"])
+  assert report["metrics"]["t2i"]["images"] == 2
+  assert {"text", "image"} <= set(os.listdir(moved / "judges"))
+  sample_lib.run(workdir, "t2i", "one small red circle center", str(tmp_path / "s.png"),
+                 num=1, seed=0)
+  assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+  assert blocked.attempts == []
+
+
+def test_old_manifest_with_absolute_tokenizer_paths(prepared_run, tmp_path):
+  """An absolute entry is used where it exists, else the same place inside the data dir; a
+  tokenizer found nowhere is a one-line error naming it and the manifest."""
+  import shutil
+
+  from tmdiff.data import records
+  from tmdiff.data.tokenizers import load_tokenizer
+  from tmdiff.eval import judges
+  from tmdiff.eval.__main__ import run_eval
+  fixture_data, workdir = prepared_run
+  data = tmp_path / "copied"
+  shutil.copytree(fixture_data, data, ignore=shutil.ignore_patterns("judges"))
+  path = data / records.MANIFEST
+  raw = json.load(open(path))
+  existing = os.path.abspath(os.path.join(fixture_data, "tokenizers", "text"))
+  elsewhere = "/nonexistent/old/place/data/tokenizers"
+  raw["tokenizers"] = {"text": existing,                  # exists: used as it is
+                       "image": f"{elsewhere}/image"}     # gone: <data>/tokenizers/image
+  json.dump(raw, open(path, "w"))
+  manifest = records.Manifest.load(str(data))
+  assert manifest.tokenizer_dir(str(data), "text") == existing
+  assert manifest.tokenizer_dir(str(data), "image") == str(data / "tokenizers" / "image")
+  assert manifest.tokenizer_dir(str(data), "audio") is None
+  reference = load_tokenizer(os.path.join(fixture_data, "tokenizers", "image"))
+  np.testing.assert_array_equal(judges.load_tokenizers(str(data))["image"].encode(_image()),
+                                reference.encode(_image()))
+  shutil.rmtree(data / "tokenizers" / "image")
+  with pytest.raises(records.RecordError) as e:
+    judges.load_tokenizers(str(data))
+  message = str(e.value)
+  assert "\n" not in message and "image tokenizer" in message and str(path) in message
+  assert f"{elsewhere}/image" in message
+  with pytest.raises(records.RecordError, match="image tokenizer"):
+    run_eval(workdir, data_dir=str(data), parts=("elbo",), devices=jax.devices()[:1])

@@ -295,12 +295,10 @@ def run(workdir: str, task: str, prompt_text: str, out: str, *, num: int = 1, se
             "t2s": ("text", "audio")}[task]
   toks = {}
   for name in needed:
-    path = manifest.tokenizers.get(name)
-    if path and not os.path.isabs(path) and not os.path.isdir(path):
-      path = os.path.join(data_dir, path)
-    if not path or not os.path.isdir(path):
-      raise SampleError(f"{data_dir}/{records.MANIFEST} names no usable {name} tokenizer "
-                        f"directory (got {path!r})")
+    path = manifest.tokenizer_dir(data_dir, name)
+    if path is None:
+      raise SampleError(f"{data_dir}/{records.MANIFEST} lists no {name} tokenizer (got "
+                        f"{manifest.tokenizers.get(name)!r}); prepare the data with one")
     toks[name] = tokenizers.load_tokenizer(path)
 
   image_tokens = int(toks["image"].tokens_per_image) if "image" in toks else 0

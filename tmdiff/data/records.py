@@ -45,6 +45,7 @@ SOURCE_FIELDS = {
     "audio_text": (("transcript", "text"), ("audio", "audio")),
 }
 MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"   # what a saved tokenizer directory holds (tmdiff.data.tokenizers)
 # ArrayRecordReader options for random access: no read-ahead past the record; one thread
 # (parallelism comes from Grain worker processes, data.worker_count).
 READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:1"
@@ -236,7 +237,7 @@ class Manifest:
   """Contents of manifest.json (written by prepare, checked by the pipeline)."""
   schema_version: int
   vocab: dict[str, int]                       # text_size / image_size / audio_size
-  tokenizers: dict[str, str]                  # modality -> tokenizer directory
+  tokenizers: dict[str, str]                  # modality -> tokenizer dir, relative to the data dir
   shards: dict[str, dict[str, list[str]]]     # source -> split -> shard file names
   counts: dict[str, dict[str, int]]           # source -> split -> records
   tokens: dict[str, dict[str, dict[str, int]]]  # source -> split -> field -> local tokens
@@ -262,6 +263,36 @@ class Manifest:
                         f"{SCHEMA_VERSION}; rerun prepare")
     known = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in raw.items() if k in known})
+
+  def tokenizer_dir(self, directory: str, modality: str) -> str | None:
+    """The `modality` tokenizer's directory for the data dir `directory`; None when the
+    manifest lists none (or one prepare held in memory only).
+
+    Entries are relative to the data dir, so a prepared dir can be moved or copied. An
+    absolute entry (older manifests) is used where it exists; else the same place inside the
+    data dir (the shortest tail of the entry, e.g. tokenizers/text, that holds a tokenizer)."""
+    entry = self.tokenizers.get(modality)
+    if not entry or entry.startswith("<in-memory"):
+      return None
+    if not os.path.isabs(entry):
+      path = os.path.join(directory, entry)
+      if os.path.isdir(path):
+        return path
+      raise RecordError(f"{os.path.join(directory, MANIFEST)} lists the {modality} tokenizer at "
+                        f"{entry!r}, but {path} does not exist; copy the whole prepared "
+                        "directory, or rerun prepare")
+    if os.path.isdir(entry):
+      return entry
+    parts = [p for p in entry.replace("\\", "/").split("/") if p]
+    for k in range(1, len(parts) + 1):
+      candidate = os.path.join(directory, *parts[-k:])
+      if os.path.isfile(os.path.join(candidate, TOKENIZER_FILE)):
+        return candidate
+    raise RecordError(f"{os.path.join(directory, MANIFEST)} lists the {modality} tokenizer at "
+                      f"{entry!r}, which does not exist, and no tail of that path under {directory} "
+                      f"holds a {TOKENIZER_FILE} (expected "
+                      f"{os.path.join(directory, 'tokenizers', modality)}); copy the tokenizer "
+                      "there, or rerun prepare")
 
   def shard_paths(self, directory: str, source: str, split: str) -> list[str]:
     try:

@@ -60,15 +60,14 @@ def read_records(data_dir: str, source: str, split: str, limit: int | None = Non
 
 
 def load_tokenizers(data_dir: str, names=("text", "image", "audio")) -> dict:
-  """The prepared data's tokenizers (those named and present)."""
+  """The prepared data's tokenizers, those named that its manifest lists (paths relative to
+  `data_dir`: `Manifest.tokenizer_dir`); a listed tokenizer that is missing is an error."""
   from tmdiff.data import tokenizers
   manifest = records_lib.Manifest.load(data_dir)
   out = {}
   for name in names:
-    path = manifest.tokenizers.get(name)
-    if path and not os.path.isabs(path) and not os.path.isdir(path):
-      path = os.path.join(data_dir, path)
-    if path and os.path.isdir(path):
+    path = manifest.tokenizer_dir(data_dir, name)
+    if path is not None:
       out[name] = tokenizers.load_tokenizer(path)
   return out
 
