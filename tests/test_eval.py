@@ -138,6 +138,39 @@ def test_caption_parsing_round_trips_the_generator():
     image_judge.parse_caption("a photo of nothing")
 
 
+@pytest.mark.parametrize("size", [16, 32, 40])
+def test_image_judge_cell_windows_hold_their_cells(size):
+  from tmdiff.eval import image_judge
+  starts, side = image_judge.cell_windows(size)
+  m, cell = image_judge.CROP_MARGIN, size / 3.0
+  for k, start in enumerate(starts):  # every pixel of cell k lies in window k (padded coords)
+    first, last = math.floor(k * cell) + m, math.ceil((k + 1) * cell) - 1 + m
+    assert 0 <= start <= first and last < start + side <= size + 2 * m, (k, start, side)
+  model = image_judge.CellClassifier(size, 0, 8, nnx.Rngs(0))
+  x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+  padded = np.pad(x, ((0, 0), (m, m), (m, m), (0, 0)), mode="edge")
+  crops = np.asarray(model.crops(x)).reshape(2, 9, side, side, 3)
+  for cell_index, (r, c) in enumerate(sources.POSITIONS.values()):
+    want = padded[:, starts[r]:starts[r] + side, starts[c]:starts[c] + side]
+    np.testing.assert_array_equal(crops[:, cell_index], want)
+
+
+def test_image_judge_mirror_matches_a_mirrored_caption():
+  from tmdiff.eval import image_judge
+  swap = {"left": "right", "right": "left"}
+  def mirrored(position):
+    return " ".join(swap.get(w, w) for w in position.split())
+  rng = np.random.default_rng(1)
+  drawn = [sources.draw_image(rng) for _ in range(30)]
+  images = np.stack([d[0] for d in drawn])
+  labels = np.stack([image_judge.labels_of(d[2]["objects"]) for d in drawn])
+  flipped, flipped_labels = image_judge.mirror(images, labels)
+  np.testing.assert_array_equal(flipped, images[:, :, ::-1])
+  for i, (_, _, attributes) in enumerate(drawn):
+    objects = [dict(o, position=mirrored(o["position"])) for o in attributes["objects"]]
+    np.testing.assert_array_equal(flipped_labels[i], image_judge.labels_of(objects))
+
+
 # --- the tiny prepared dataset, checkpoint and judges ----------------------------------------
 JUDGE_SETTINGS = {
     "text": dict(d_model=32, n_layers=1, context=32, steps=150, batch_size=32),

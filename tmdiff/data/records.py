@@ -2,7 +2,9 @@
 
 A prepared dataset directory holds:
 
-  manifest.json                                  see `Manifest` below
+  manifest.json                                  see `Manifest` below; every path in it is
+                                                 relative to the directory, so it can move
+  tokenizers/{text,image,audio}/                 the tokenizers its ids come from
   <source>/<split>-<i:05d>-of-<n:05d>.array_record
   <source>/<split>-<i:05d>-of-<n:05d>.json       sidecar: records and tokens in that shard
 

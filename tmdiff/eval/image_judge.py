@@ -1,9 +1,10 @@
 """Image judge: a CNN (Flax NNX) that reads procedural shape images cell by cell.
 
 For each cell of the 3x3 grid (`sources.POSITIONS`) it predicts occupancy, shape, colour and
-size. It trains on fresh images from `sources.draw_image` (seeds disjoint from prepare's), half
-of them passed through the image tokenizer (encode -> decode) so that it reads decoded
-samples as well as clean pixels. A generated image matches its caption (GenEval-like) when
+size, with one network shared by the cells reading each cell's window at full resolution. It
+trains on fresh images from `sources.draw_image` (seeds disjoint from prepare's), each also
+passed through the image tokenizer (encode -> decode; `reconstructed_fraction` of them) so that it
+reads decoded samples as well as clean pixels, mirrored left-right at random (`flip`). A generated image matches its caption (GenEval-like) when
 the predicted object count equals the caption's and every captioned object's cell is occupied
 with the captioned shape and colour; size is scored alongside but not required.
 Sanity figures: the same scores on held-out real images and on their tokenizer round trips.
@@ -11,6 +12,7 @@ Sanity figures: the same scores on held-out real images and on their tokenizer r
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import jax.numpy as jnp
@@ -22,13 +24,14 @@ from tmdiff.data import sources
 from tmdiff.eval import judges as judges_lib
 
 NAME = "image"
+JUDGE_VERSION = 2  # the per-cell classifier (a cached judge of another version is retrained)
 CELLS = list(sources.POSITIONS)          # cell index -> position name
 SHAPES = list(sources.SHAPES)
 COLOURS = list(sources.COLOURS)
 SIZES = list(sources.SIZES)
 HEADS = {"occupied": 2, "shape": len(SHAPES), "colour": len(COLOURS), "size": len(SIZES)}
-DEFAULTS = dict(images=8000, held_out=400, steps=1500, batch_size=64, learning_rate=2e-3,
-                channels=32, reconstructed_fraction=0.5, seed=0)
+DEFAULTS = dict(images=8000, held_out=400, steps=3000, batch_size=64, learning_rate=2e-3,
+                channels=0, hidden=256, reconstructed_fraction=1.0, flip=True, seed=0)
 TRAIN_STREAM, HELD_OUT_STREAM = 0x1D6E, 0x1D6F  # rng streams apart from prepare's images
 
 
@@ -94,25 +97,48 @@ def mean_scores(per_image: list[dict]) -> dict[str, float]:
 
 
 # --- the model -------------------------------------------------------------------------------
-class CellClassifier(nnx.Module):
-  """[B, S, S, 3] uint8 -> logits per cell and head: {head: [B, 9, classes]}."""
+CROP_MARGIN = 1  # pixels of context around each cell (objects lie inside their cell)
 
-  def __init__(self, size: int, channels: int, rngs: nnx.Rngs):
-    c = channels
-    self.down1 = nnx.Conv(3, c, (4, 4), strides=2, rngs=rngs)
-    self.down2 = nnx.Conv(c, 2 * c, (4, 4), strides=2, rngs=rngs)
-    self.conv_out = nnx.Conv(2 * c, 2 * c, (3, 3), rngs=rngs)
-    flat = (size // 4) ** 2 * 2 * c
-    self.hidden = nnx.Linear(flat, 256, rngs=rngs)
-    self.out = nnx.Linear(256, len(CELLS) * sum(HEADS.values()), rngs=rngs)
+
+def cell_windows(size: int) -> tuple[list[int], int]:
+  """Top-left offsets (rows = cols) of the 3 cell windows in an image padded by CROP_MARGIN on
+  each side, and the window side: ceil(size / 3) + 2 * CROP_MARGIN."""
+  cell = size / 3.0
+  side = math.ceil(cell) + 2 * CROP_MARGIN
+  starts = [min(int(math.floor(k * cell)), size + 2 * CROP_MARGIN - side) for k in range(3)]
+  return starts, side
+
+
+class CellClassifier(nnx.Module):
+  """[B, S, S, 3] uint8 -> logits per cell and head: {head: [B, 9, classes]}.
+
+  One network, shared by the cells, reads each cell's window at full resolution: an optional
+  3x3 convolution of `channels` (0: none), then two dense layers of `hidden`. A cell's answer
+  depends on its own pixels only, and every image gives nine training examples."""
+
+  def __init__(self, size: int, channels: int, hidden: int, rngs: nnx.Rngs):
+    self.starts, self.side = cell_windows(size)
+    self.conv = nnx.Conv(3, channels, (3, 3), rngs=rngs) if channels else None
+    flat = self.side ** 2 * (channels or 3)
+    self.hidden1 = nnx.Linear(flat, hidden, rngs=rngs)
+    self.hidden2 = nnx.Linear(hidden, hidden, rngs=rngs)
+    self.out = nnx.Linear(hidden, sum(HEADS.values()), rngs=rngs)
+
+  def crops(self, x):
+    """[B, S, S, C] -> [B * 9, side, side, C], cells in row-major order."""
+    m, k = CROP_MARGIN, self.side
+    x = jnp.pad(x, ((0, 0), (m, m), (m, m), (0, 0)), mode="edge")
+    cells = [x[:, r:r + k, c:c + k] for r in self.starts for c in self.starts]
+    return jnp.stack(cells, axis=1).reshape(-1, k, k, x.shape[-1])
 
   def __call__(self, images):
-    x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
-    x = nnx.silu(self.down1(x))
-    x = nnx.silu(self.down2(x))
-    x = nnx.silu(self.conv_out(x))
-    x = nnx.silu(self.hidden(x.reshape(x.shape[0], -1)))
-    logits = self.out(x).reshape(x.shape[0], len(CELLS), -1)
+    b = images.shape[0]
+    x = self.crops(jnp.asarray(images, jnp.float32) / 127.5 - 1.0)
+    if self.conv is not None:
+      x = nnx.silu(self.conv(x))
+    x = nnx.silu(self.hidden1(x.reshape(x.shape[0], -1)))
+    x = nnx.silu(self.hidden2(x))
+    logits = self.out(x).reshape(b, len(CELLS), -1)
     out, start = {}, 0
     for head, n in HEADS.items():
       out[head] = logits[..., start:start + n]
@@ -174,9 +200,17 @@ def fresh_images(stream: int, num: int, seed: int, size: int):
   return np.stack([x[0] for x in items]), [x[2]["objects"] for x in items]
 
 
+def mirror(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Images [B, S, S, 3] mirrored left-right and their cell labels [B, 9, 4] to match: every
+  shape is symmetric about its vertical axis, so a mirrored image is another valid drawing."""
+  cells = labels.reshape(-1, 3, 3, labels.shape[-1])[:, :, ::-1]
+  return images[:, :, ::-1], cells.reshape(labels.shape)
+
+
 def _build(size: int, s: dict) -> CellClassifier:
   from tmdiff.data.tokenizers import _nn
-  return _nn.build(lambda: CellClassifier(size, s["channels"], nnx.Rngs(0)), s["seed"])
+  return _nn.build(lambda: CellClassifier(size, s["channels"], s["hidden"], nnx.Rngs(0)),
+                   s["seed"])
 
 
 def _round_trip(tokenizer, images: np.ndarray) -> np.ndarray:
@@ -192,17 +226,23 @@ def train(data_dir: str, **overrides) -> ImageJudge:
   judges_lib.log(NAME, f"drawing {s['images']} training images ({size}x{size})")
   images, objects = fresh_images(TRAIN_STREAM, s["images"], s["seed"], size)
   labels = np.stack([labels_of(o) for o in objects])
-  pool = images
+  pool, pool_labels = images, labels
   if tokenizer is not None and s["reconstructed_fraction"] > 0:
     n_rec = int(round(len(images) * s["reconstructed_fraction"]))
-    judges_lib.log(NAME, f"passing {n_rec} of them through the image tokenizer")
-    pool = images.copy()
-    pool[:n_rec] = _round_trip(tokenizer, images[:n_rec])
+    judges_lib.log(NAME, f"adding {n_rec} of them passed through the image tokenizer")
+    pool = np.concatenate([images, _round_trip(tokenizer, images[:n_rec])])
+    pool_labels = np.concatenate([labels, labels[:n_rec]])
   model = _build(size, s)
 
   def sample_batch(rng):
     idx = rng.integers(0, len(pool), s["batch_size"])
-    return {"images": pool[idx], "labels": labels[idx]}
+    batch, batch_labels = pool[idx], pool_labels[idx]
+    if s["flip"]:
+      flip = rng.random(len(idx)) < 0.5
+      mirrored, mirrored_labels = mirror(batch, batch_labels)
+      batch = np.where(flip[:, None, None, None], mirrored, batch)
+      batch_labels = np.where(flip[:, None, None], mirrored_labels, batch_labels)
+    return {"images": batch, "labels": batch_labels}
   _nn.fit(model, lambda m, b: _loss(m, b["images"], b["labels"]), sample_batch, s["steps"],
           s["learning_rate"], s["seed"], "judge image")
   judge = ImageJudge(model, size, {"settings": s, "image_size": size})

@@ -104,7 +104,9 @@ def load_or_train(name: str, data_dir: str, *, directory: str | None = None,
   fingerprint = data_fingerprint(data_dir)
   info = None if retrain else read_judge_info(directory)
   # Without explicit settings any cached judge of this data will do.
-  settings_ok = info is not None and (
+  # A judge whose module changed its model (JUDGE_VERSION) since it was cached is retrained.
+  version = getattr(module, "JUDGE_VERSION", None)
+  settings_ok = info is not None and info.get("judge_version") == version and (
       not train_kwargs or info.get("settings") == module.settings_dict(**train_kwargs))
   if info is not None and info.get("data_fingerprint") == fingerprint and settings_ok:
     return module.load(directory, info)
@@ -113,6 +115,8 @@ def load_or_train(name: str, data_dir: str, *, directory: str | None = None,
   start = time.time()
   judge = module.train(data_dir, **train_kwargs)
   judge.info.update(data_fingerprint=fingerprint, train_seconds=round(time.time() - start, 1))
+  if version is not None:
+    judge.info["judge_version"] = version
   judge.save(directory)
   log(name, f"trained in {time.time() - start:.0f} s; saved to {directory}; "
             f"sanity: {json.dumps(judge.info.get('sanity', {}))}")
