@@ -125,6 +125,15 @@ def test_unigram_entropy_closed_form():
       -(1 / 3) * math.log2(1 / 3) - (2 / 3) * math.log2(2 / 3))
 
 
+def test_unigram_bits_per_token_counts_scored_tokens_by_modality():
+  rows = {"tokens": np.array([[1, 2, 3, 4, 9, 9], [7, 7, 7, 7, 5, 6]]),
+          "modality": np.array([[0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]]),
+          "loss_mask": np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]])}
+  # text: 1, 2, 3, 4 once each (the unscored 9s, 5 and 6 do not count); image: one id; no audio
+  assert elbo.unigram_bits_per_token(rows) == {"unigram_bits_per_token/text": pytest.approx(2.0),
+                                               "unigram_bits_per_token/image": 0.0}
+
+
 def test_caption_parsing_round_trips_the_generator():
   from tmdiff.eval import image_judge
   rng = np.random.default_rng(3)

@@ -5,7 +5,8 @@
 
   ELBO        negative ELBO in bits per token per modality on the first --num_rows validation
               rows (default data.eval_batches x data.global_batch), the same for any
-              --batch_size and device count (tmdiff.eval.elbo)
+              --batch_size and device count (tmdiff.eval.elbo), beside the unigram entropy
+              of the same rows' scored tokens
   text        generative perplexity of unconditional samples under the text judge, and their
               unigram entropy next to validation text of the same length
   t2i         attribute accuracy of images generated from held-out captions (image judge)
@@ -63,7 +64,7 @@ def run_eval(workdir: str, *, step: int | None = None, data_dir: str | None = No
     rows = elbo_lib.validation_rows(run.config, rows_wanted)
     report["metrics"]["elbo"] = elbo_lib.evaluate_rows(run.trainer, run.params, rows,
                                                        batch_size=batch_size, progress=True)
-    report["metrics"]["elbo"]["rows"] = rows_wanted
+    report["metrics"]["elbo"].update(elbo_lib.unigram_bits_per_token(rows), rows=rows_wanted)
 
   for task in ("text", "t2i", "t2s"):
     if task not in parts:

@@ -136,6 +136,20 @@ def summarize_rows(sums: dict[str, np.ndarray]) -> dict[str, float]:
       {k: np.asarray(v, np.float64) for k, v in totals.items()}).items()}
 
 
+def unigram_bits_per_token(rows: dict) -> dict[str, float]:
+  """Per modality, the entropy in bits of the unigram distribution of the scored tokens in
+  `rows` (loss-mask positions): the bits per token of a model that knows token frequencies
+  alone, fitted to these very tokens. A model's ELBO below it has learnt context."""
+  scored = rows["loss_mask"].astype(bool)
+  out = {}
+  for m, name in enumerate(vocab_lib.MODALITIES):
+    ids = rows["tokens"][scored & (rows["modality"] == m)]
+    if ids.size:
+      p = np.unique(ids, return_counts=True)[1] / ids.size
+      out[f"unigram_bits_per_token/{name}"] = float(-(p * np.log2(p)).sum())
+  return out
+
+
 def evaluate_rows(trainer, params, rows: dict, *, batch_size: int, eval_step=None,
                   progress: bool = False) -> dict[str, float]:
   """Loss, bits per token per modality and token fractions over `rows`."""
