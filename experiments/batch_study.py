@@ -44,7 +44,7 @@ eval; width 128 (1.05M) ~6.5k tokens/s each.
 """
 import math
 
-from experiments import tiny
+from experiments import key_values, tiny
 from tmdiff.configs.derived import reparameterise
 
 KEYS = ("batch", "tokens", "sde", "kappa_mult", "base_batch", "base_tokens", "gamma", "seq",
@@ -59,13 +59,7 @@ QUICK_DEFAULTS = dict(batch="4", tokens="1024", base_batch="4", base_tokens="102
 
 
 def parse_arg(arg: str) -> dict:
-  given = {}
-  for item in filter(None, (arg or "").split(",")):
-    key, sep, value = item.partition("=")
-    if not sep or key not in KEYS:
-      raise ValueError(f"experiments/batch_study.py: bad argument {item!r}; keys are {KEYS} "
-                       "as key=value, comma-separated")
-    given[key] = value
+  given = key_values(arg, KEYS, "experiments/batch_study.py")
   out = dict(DEFAULTS)
   if given.get("quick", "0") == "1":
     out.update(QUICK_DEFAULTS)

@@ -35,19 +35,15 @@ for these shapes.
 """
 import os
 
+from experiments import key_values
+
 from tmdiff.scaling import ladder
 
 KEYS = ("size", "hw", "tokens", "batch", "seq", "sde", "data")
 
 
 def parse_arg(arg: str) -> dict:
-  out = {}
-  for item in filter(None, (arg or "").split(",")):
-    key, sep, value = item.partition("=")
-    if not sep or key not in KEYS:
-      raise ValueError(f"experiments/ladder.py: bad argument {item!r}; keys are {KEYS} "
-                       "as key=value, comma-separated")
-    out[key] = value
+  out = key_values(arg, KEYS, "experiments/ladder.py")
   return out
 
 

@@ -18,6 +18,8 @@ docs/showcase.md.
 """
 import os
 
+from experiments import key_values
+
 from tmdiff.configs.base import get_base_config
 from tmdiff.data import records
 
@@ -29,13 +31,7 @@ SIZES = {  # d_model, layers, heads, kv heads, SwiGLU width
 
 
 def parse_arg(arg: str) -> dict:
-  out = {}
-  for item in filter(None, (arg or "").split(",")):
-    key, sep, value = item.partition("=")
-    if not sep or key not in KEYS:
-      raise ValueError(f"experiments/showcase.py: bad argument {item!r}; keys are {KEYS} "
-                       "as key=value, comma-separated")
-    out[key] = value
+  out = key_values(arg, KEYS, "experiments/showcase.py")
   return out
 
 
