@@ -353,6 +353,23 @@ def test_eval_errors_name_the_problem(tmp_path, prepared_run):
     run_eval(workdir, data_dir=str(tmp_path / "missing"), parts=("elbo",))
 
 
+
+def test_judges_cli_reports_bad_settings_without_a_traceback(prepared_run):
+  """Run as `python -m`: the judges' own JudgeError must reach the CLI's clean exit."""
+  import subprocess
+  import sys
+  data, _ = prepared_run
+  run = lambda *extra: subprocess.run(
+      [sys.executable, "-m", "tmdiff.eval.judges", f"--data_dir={data}", "--only=speech", *extra],
+      capture_output=True, text=True, timeout=300)
+  out = run('--settings={"speech": {"bogus": 1}}')
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+  assert "JudgeError: unknown speech judge settings ['bogus']" in out.stderr
+  out = run('--settings={"text": {"steps": 1}}')
+  assert out.returncode == 1 and "must map judges of --only=['speech']" in out.stderr
+  out = run("--settings=not json")
+  assert out.returncode == 1 and "--settings is not JSON" in out.stderr
+
 # --- a data dir that travels, an eval host with no network ------------------------------------
 def _encodings(toks: dict, text: str, image: np.ndarray) -> dict:
   return {"text": np.asarray(toks["text"].encode(text)),

@@ -1,6 +1,7 @@
 """Judges for generated samples, trained by our own code and cached beside the prepared data.
 
   python -m tmdiff.eval.judges --data_dir=runs/data [--only=text,image,speech] [--retrain]
+      [--settings='{"speech": {"steps": 12000, "channels": 256}}']
 
   text    a small causal transformer over the text tokenizer's ids (tmdiff.eval.text_judge):
           generative perplexity of generated text, plus its unigram entropy
@@ -136,13 +137,26 @@ def main(argv=None) -> None:
   p.add_argument("--data_dir", required=True, help="prepared data dir (tmdiff.data.prepare)")
   p.add_argument("--only", default=",".join(JUDGES), help="comma-separated judges")
   p.add_argument("--retrain", action="store_true", help="ignore cached judges")
+  p.add_argument("--settings", default="{}", help="JSON {judge: {setting: value}} overriding "
+                 "the training settings (a cached judge of other settings is retrained)")
   args = p.parse_args(argv)
   try:
+    settings = json.loads(args.settings)
+  except json.JSONDecodeError as e:
+    sys.exit(f"tmdiff.eval.judges: --settings is not JSON: {e}")
+  names = [n.strip() for n in args.only.split(",") if n.strip()]
+  if not isinstance(settings, dict) or not set(settings) <= set(names):
+    sys.exit(f"tmdiff.eval.judges: --settings must map judges of --only={names} to settings, "
+             f"got {args.settings!r}")
+  # Under `python -m` this file is __main__; the judges raise the importable module's error.
+  from tmdiff.eval import judges as judges_module
+  try:
     report = {}
-    for name in [n.strip() for n in args.only.split(",") if n.strip()]:
-      judge = load_or_train(name, args.data_dir, retrain=args.retrain)
+    for name in names:
+      judge = judges_module.load_or_train(name, args.data_dir, retrain=args.retrain,
+                                          **settings.get(name, {}))
       report[name] = judge.info.get("sanity", {})
-  except (JudgeError, records_lib.RecordError) as e:
+  except (judges_module.JudgeError, records_lib.RecordError) as e:
     sys.exit(f"tmdiff.eval.judges: {type(e).__name__}: {e}")
   print(json.dumps(report, indent=2))
 
