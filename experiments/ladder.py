@@ -33,9 +33,8 @@ for these shapes.
 | 3b | 3072/30 | 24/8 | 3.02B | 3.23B | 754B | h100x64 | ~14k |
 | 8b | 4096/36 | 32/8 | 7.85B | 8.13B | 1.64T | h100x256 | ~5.8k |
 """
-import os
 
-from experiments import key_values
+from experiments import data_vocab, key_values
 
 from tmdiff.scaling import ladder
 
@@ -51,12 +50,7 @@ def get_config(arg: str = ""):
   a = parse_arg(arg)
   size = a.get("size", "xs")
   seq = int(a.get("seq", ladder.SEQ_LEN))
-  vocab = None
-  if "data" in a:
-    from tmdiff.data import records
-    if os.path.exists(os.path.join(a["data"], records.MANIFEST)):
-      v = records.Manifest.load(a["data"]).vocab
-      vocab = {k: int(v[k]) for k in ("text_size", "image_size", "audio_size")}
+  vocab = data_vocab(a["data"]) if "data" in a else None
   tokens = a.get("tokens")
   if tokens and tokens.endswith("x"):  # a multiple of D*(N)
     c = ladder.build(size, a.get("hw"), seq_len=seq, vocab=vocab)

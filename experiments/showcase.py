@@ -16,12 +16,9 @@ speech row holds the most target tokens that are hard to predict), cosine learni
 the run, validation ELBO every 1500 steps. Results, commands and the runs that lost:
 docs/showcase.md.
 """
-import os
-
-from experiments import key_values
+from experiments import data_vocab, key_values
 
 from tmdiff.configs.base import get_base_config
-from tmdiff.data import records
 
 KEYS = ("data", "steps", "size")
 SIZES = {  # d_model, layers, heads, kv heads, SwiGLU width
@@ -43,10 +40,7 @@ def get_config(arg: str = ""):
     raise ValueError(f"experiments/showcase.py: size={size!r}; choose from {sorted(SIZES)}")
   c = get_base_config()
   c.data.source, c.data.data_dir = "prepared", data
-  if os.path.exists(os.path.join(data, records.MANIFEST)):
-    vocab = records.Manifest.load(data).vocab
-    for key in ("text_size", "image_size", "audio_size"):
-      c.vocab[key] = int(vocab[key])
+  c.vocab.update(data_vocab(data) or {})
   d, layers, heads, kv_heads, d_ff = SIZES[size]
   c.model.update(d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
                  head_dim=d // heads, d_ff=d_ff)

@@ -7,10 +7,9 @@ Argument: 'synthetic' (default; in-memory data, no prepare step) or a directory 
 `python -m tmdiff.data.prepare`, whose manifest sets the vocabulary sizes.
 Expected: ~14k tokens/s on 2 CPU cores; 1200 steps x 16 x 128 = 2.5M tokens (~3 min).
 """
-import os
+from experiments import data_vocab
 
 from tmdiff.configs.base import get_base_config
-from tmdiff.data import records
 
 
 def get_config(arg: str = "synthetic"):
@@ -18,10 +17,7 @@ def get_config(arg: str = "synthetic"):
   if arg and arg != "synthetic":
     c.data.source = "prepared"
     c.data.data_dir = arg
-    if os.path.exists(os.path.join(arg, records.MANIFEST)):
-      vocab = records.Manifest.load(arg).vocab
-      for key in ("text_size", "image_size", "audio_size"):
-        c.vocab[key] = int(vocab[key])
+    c.vocab.update(data_vocab(arg) or {})
   c.model.d_model = 128
   c.model.n_layers = 2
   c.model.n_heads = 4
