@@ -26,7 +26,7 @@ import ml_collections as mlc
 
 from tmdiff.configs.derived import derive
 from tmdiff.data.vocab import VocabLayout
-from tmdiff.scaling import sweep as sweep_lib
+from tmdiff.scaling.run_files import CONFIG_FILE, RUN_FILE
 from tmdiff.train import flops as flops_lib
 from tmdiff.train import loop
 
@@ -41,7 +41,7 @@ class CollectError(ValueError):
 
 
 def read_config(path: str) -> mlc.ConfigDict:
-  config_file = os.path.join(path, sweep_lib.CONFIG_FILE)
+  config_file = os.path.join(path, CONFIG_FILE)
   if os.path.exists(config_file):
     with open(config_file) as f:
       return mlc.ConfigDict(json.load(f))
@@ -50,7 +50,7 @@ def read_config(path: str) -> mlc.ConfigDict:
     return mlc.ConfigDict(ckpt_lib.read_config(path))
   except Exception as e:  # noqa: BLE001 -- orbax raises several types
     raise CollectError(
-        f"{path}: no {sweep_lib.CONFIG_FILE} and no checkpointed config ({e})") from None
+        f"{path}: no {CONFIG_FILE} and no checkpointed config ({e})") from None
 
 
 def read_evals(path: str) -> list[dict]:
@@ -77,7 +77,7 @@ def run_rows(path: str, name: str | None = None) -> list[dict]:
   if not evals:
     return []
   config = read_config(path)
-  meta_file = os.path.join(path, sweep_lib.RUN_FILE)
+  meta_file = os.path.join(path, RUN_FILE)
   meta = {}
   if os.path.exists(meta_file):
     with open(meta_file) as f:

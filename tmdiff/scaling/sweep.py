@@ -30,9 +30,9 @@ import shlex
 import sys
 import time
 
+from tmdiff.scaling.run_files import CONFIG_FILE, RUN_FILE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RUN_FILE = "sweep_run.json"
-CONFIG_FILE = "config.json"
 EMIT_TARGETS = ("local", "slurm", "xpk")
 
 
