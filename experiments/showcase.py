@@ -10,7 +10,7 @@ Argument: comma-separated key=value, all optional:
           runs/data_full); its manifest sets the vocabulary sizes
   steps   training steps (default 9000); size  d768 (default) | d512 (the 25M model)
 
-A d768 x 12 bidirectional transformer (85M non-embedding parameters) on 128-token rows, 128 rows
+A d768 x 12 bidirectional transformer (75.5M non-embedding, 79.5M parameters) on 128-token rows, 128 rows
 a step, the three sources drawn 1 : 1 : 2 by rows (text : image-text : audio-text; a text-to-
 speech row holds the most target tokens that are hard to predict), cosine learning rate over
 the run, validation ELBO every 1500 steps. Expected: about 44 ms a step on an H200 (9000 steps
