@@ -10,13 +10,15 @@ Argument: comma-separated key=value, all optional:
           runs/data_full); its manifest sets the vocabulary sizes
   steps   training steps (default 9000); size  d768 (default) | d512 (the 25M model)
 
-A d768 x 12 bidirectional transformer (75.5M non-embedding, 79.5M parameters) on 128-token rows, 128 rows
-a step, the three sources drawn 1 : 1 : 2 by rows (text : image-text : audio-text; a text-to-
-speech row holds the most target tokens that are hard to predict), cosine learning rate over
-the run, validation ELBO every 1500 steps. Expected: about 44 ms a step on an H200 (9000 steps
-~6.6 min plus ~1.5 min of compile and start-up). Its generation scores do not meet the bars yet.
-Step 3000 of a 6000-step run: T2I all attributes 0.375, T2S WER 0.96. Every run so far, and the
-device-call driver (benchmarks/run_gpu_showcase.sh): docs/showcase.md.
+A d768 x 12 bidirectional transformer (75.5M non-embedding, 79.5M parameters) on 128-token
+rows, 128 rows a step. The three sources are drawn 1 : 1 : 2 by rows (text : image-text :
+audio-text), since a text-to-speech row holds the most hard-to-predict target tokens. The
+learning rate is cosine over the run, with a validation ELBO every 1500 steps.
+
+Expected: about 44 ms a step on an H200, so 9000 steps take about 6.6 min plus about 1.5 min of
+compile and start-up. The generation scores do not meet the bars yet: at step 3000 of a
+6000-step run, T2I all attributes 0.375 and T2S WER 0.96. Every run so far, and the device-call
+driver (benchmarks/run_gpu_showcase.sh), are in docs/showcase.md.
 """
 from experiments import data_vocab, key_values
 
