@@ -33,7 +33,6 @@ for these shapes.
 | 3b | 3072/30 | 24/8 | 3.02B | 3.23B | 754B | h100x64 | ~14k |
 | 8b | 4096/36 | 32/8 | 7.85B | 8.13B | 1.64T | h100x256 | ~5.8k |
 """
-
 from experiments import data_vocab, key_values
 
 from tmdiff.scaling import ladder
@@ -42,8 +41,7 @@ KEYS = ("size", "hw", "tokens", "batch", "seq", "sde", "data")
 
 
 def parse_arg(arg: str) -> dict:
-  out = key_values(arg, KEYS, "experiments/ladder.py")
-  return out
+  return key_values(arg, KEYS, "experiments/ladder.py")
 
 
 def get_config(arg: str = ""):

@@ -32,8 +32,7 @@ SIZES = {  # d_model, layers, heads, kv heads, SwiGLU width
 
 
 def parse_arg(arg: str) -> dict:
-  out = key_values(arg, KEYS, "experiments/showcase.py")
-  return out
+  return key_values(arg, KEYS, "experiments/showcase.py")
 
 
 def get_config(arg: str = ""):

@@ -353,7 +353,6 @@ def test_eval_errors_name_the_problem(tmp_path, prepared_run):
     run_eval(workdir, data_dir=str(tmp_path / "missing"), parts=("elbo",))
 
 
-
 def test_judges_cli_reports_bad_settings_without_a_traceback(prepared_run):
   """Run as `python -m`: the judges' own JudgeError must reach the CLI's clean exit."""
   import subprocess
@@ -369,6 +368,7 @@ def test_judges_cli_reports_bad_settings_without_a_traceback(prepared_run):
   assert out.returncode == 1 and "must map judges of --only=['speech']" in out.stderr
   out = run("--settings=not json")
   assert out.returncode == 1 and "--settings is not JSON" in out.stderr
+
 
 # --- a data dir that travels, an eval host with no network ------------------------------------
 def _encodings(toks: dict, text: str, image: np.ndarray) -> dict:
