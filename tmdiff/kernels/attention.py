@@ -190,8 +190,6 @@ def auto_impl(q, segment_ids) -> str:
   impl = AUTO.get(plat, "xla")
   if impl == "cudnn" and (q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] > 128):
     impl = "pallas_gpu"
-  if impl == "pallas_gpu" and q.shape[1] % 16:
-    impl = "xla"
   if impl == "pallas_tpu" and q.shape[1] % 128:
     impl = "xla"
   return impl

@@ -250,9 +250,11 @@ def flash_attention(q, k, v, segment_ids, **overrides):
   """Pallas GPU flash attention; kwargs override DEFAULT_CFG (block sizes, warps, interpret)."""
   cfg = dict(DEFAULT_CFG, **overrides)
   t = q.shape[1]
+  if t % 16:  # the kernel's tiles need T % 16 == 0: pad with padding tokens (segment 0)
+    extra = -t % 16
+    widen = lambda x: jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
+    return flash_attention(widen(q), widen(k), widen(v), widen(segment_ids), **overrides)[:, :t]
   for key in ("block_q", "block_k", "bwd_block_q", "bwd_block_k"):
     cfg[key] = _fit(cfg[key], t)
-  if t % 16:
-    raise ValueError(f"pallas attention needs T divisible by 16, got {t}")
   seg = segment_ids.astype(jnp.int32)
   return _flash(q, k, v, seg, tuple(sorted(cfg.items())))
