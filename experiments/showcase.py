@@ -8,17 +8,19 @@
 Argument: comma-separated key=value, all optional:
   data    a directory written by `python -m tmdiff.data.prepare --preset=full` (default
           runs/data_full); its manifest sets the vocabulary sizes
-  steps   training steps (default 9000); size  d768 (default) | d512 (the 25M model)
+  steps   training steps (default 14000); size  d768 (default) | d512 (the 25M model)
 
 A d768 x 12 bidirectional transformer (75.5M non-embedding, 79.5M parameters) on 128-token
 rows, 128 rows a step. The three sources are drawn 1 : 1 : 2 by rows (text : image-text :
 audio-text), since a text-to-speech row holds the most hard-to-predict target tokens. The
-learning rate is cosine over the run, with a validation ELBO every 1500 steps.
+learning rate is cosine over the run, with a validation ELBO every 2500 steps.
 
-Expected: about 44 ms a step on an H200, so 9000 steps take about 6.6 min plus about 1.5 min of
-compile and start-up. The generation scores do not meet the bars yet: at step 3000 of a
-6000-step run, T2I all attributes 0.375 and T2S WER 0.96. Every run so far, and the device-call
-driver (benchmarks/run_gpu_showcase.sh), are in docs/showcase.md.
+Expected, on one H200 (14000 steps, docs/showcase.md run 2): 25.5 ms a step and 457 s to the
+end of training, compile and start-up included. `python -m tmdiff.eval` then gives T2I all
+attributes 0.891, T2S WER 0.334 (speech judge 0.317 through the tokenizer), text judge PPL 13.56,
+val bits/token text 2.907, image 1.896, audio 5.198. T2I is still under its bar (0.943). Every
+run, and the device-call drivers (benchmarks/run_gpu_showcase.sh, run_gpu_detached.sh), are in
+docs/showcase.md.
 """
 from experiments import data_vocab, key_values
 
@@ -55,7 +57,7 @@ def get_config(arg: str = ""):
   c.data.worker_count = 8
   c.data.eval_batches = 4
   c.data.mixture.update(text=1.0, image_text=1.0, audio_text=2.0)
-  c.train.steps = int(a.get("steps", 15000))
+  c.train.steps = int(a.get("steps", 14000))
   c.train.log_every = 100
   c.train.eval_every = 2500
   c.train.ckpt_every = 5000
