@@ -26,6 +26,7 @@ setup(
         "tensorboardX>=2.6",
         "tqdm>=4.60",
     ],
+    entry_points={"console_scripts": ["tmdiff=tmdiff.__main__:main"]},
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
         "gpu": ["jax[cuda12]>=0.10,<0.13"],

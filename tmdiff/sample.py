@@ -384,26 +384,28 @@ def run(workdir: str, task: str, prompt_text: str, out: str, *, num: int = 1, se
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from tmdiff.configs.derived import ConfigError
-  from tmdiff.data.records import RecordError
-  from tmdiff.data.tokenizers import TokenizerLoadError
-  from tmdiff.diffusion.sampling import SamplerError
-  from tmdiff.train.checkpoint import CheckpointError
   if not _WORKDIR.value or not _TASK.value or not _OUT.value:
     raise app.UsageError("--workdir, --task and --out are required")
   overrides = {"steps": _STEPS.value, "method": _METHOD.value, "schedule": _SCHEDULE.value,
                "temperature": _TEMPERATURE.value, "top_k": _TOP_K.value, "top_p": _TOP_P.value,
                "cfg_scale": _CFG_SCALE.value}
-  try:
-    summary = run(_WORKDIR.value, _TASK.value, _PROMPT.value, _OUT.value, num=_NUM.value,
-                  seed=_SEED.value, step=_STEP.value, data_dir=_DATA_DIR.value,
-                  length=_LENGTH.value, infill_tokens=_INFILL_TOKENS.value,
-                  audio_tokens=_AUDIO_TOKENS.value, png_scale=_SCALE.value, overrides=overrides)
-  except (SampleError, SamplerError, CheckpointError, RecordError, TokenizerLoadError,
-          ConfigError) as e:
-    raise SystemExit(f"tmdiff.sample: {type(e).__name__}: {e}") from None
+  summary = run(_WORKDIR.value, _TASK.value, _PROMPT.value, _OUT.value, num=_NUM.value,
+                seed=_SEED.value, step=_STEP.value, data_dir=_DATA_DIR.value,
+                length=_LENGTH.value, infill_tokens=_INFILL_TOKENS.value,
+                audio_tokens=_AUDIO_TOKENS.value, png_scale=_SCALE.value, overrides=overrides)
   print(json.dumps(summary, indent=2))
 
 
+def user_errors() -> tuple:
+  from tmdiff.configs.derived import ConfigError
+  from tmdiff.data.records import RecordError
+  from tmdiff.data.tokenizers import TokenizerLoadError
+  from tmdiff.diffusion.sampling import SamplerError
+  from tmdiff.train.checkpoint import CheckpointError
+  return (SampleError, SamplerError, CheckpointError, RecordError, TokenizerLoadError,
+          ConfigError)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  from tmdiff import entry
+  entry.run_app(main, "tmdiff.sample", user_errors())

@@ -176,8 +176,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+  from tmdiff import entry
   args = parse_args(argv)
   logging.set_verbosity(logging.INFO)
+  entry.quiet_library_logs()
   from tmdiff.configs.derived import ConfigError
   from tmdiff.data.pipeline import DataConfigError
   from tmdiff.data.records import RecordError
@@ -194,7 +196,7 @@ def main(argv=None) -> None:
                       num_rows=args.num_rows, out=args.out, seed=args.seed, parts=parts)
   except (EvalError, JudgeError, SampleError, SamplerError, CheckpointError, RecordError,
           TokenizerLoadError, ConfigError, DataConfigError, ValueError) as e:
-    raise SystemExit(f"tmdiff.eval: {type(e).__name__}: {e}") from None
+    entry.fail("tmdiff.eval", e)
   print(format_table(report))
   print(f"\nwrote {os.path.join(args.out or os.path.join(args.workdir, 'eval'), 'eval.json')}")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from tmdiff import entry
+
 from tmdiff.configs.derived import ConfigError
 from tmdiff.data.batch import BatchError
 from tmdiff.data.pipeline import DataConfigError
@@ -18,7 +20,7 @@ from tmdiff.train import distributed, loop
 from tmdiff.train.checkpoint import CheckpointError
 
 USER_ERRORS = (ConfigError, BatchError, DataConfigError, RecordError, CheckpointError,
-               distributed.DistributedError)
+               distributed.DistributedError, entry.ConfigFileError)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment file[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, reports)")
@@ -31,13 +33,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  try:
-    distributed.initialize_from_env()
-    loop.train(_CONFIG.value, _WORKDIR.value, data_shards=_DATA_SHARDS.value)
-  except USER_ERRORS as e:
-    raise SystemExit(f"tmdiff.train: {type(e).__name__}: {e}") from None
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.INFO)
+  config = entry.config_value(_CONFIG)
+  distributed.initialize_from_env()
+  loop.train(config, _WORKDIR.value, data_shards=_DATA_SHARDS.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  entry.run_app(main, "tmdiff.train", USER_ERRORS)
