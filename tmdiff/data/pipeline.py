@@ -427,11 +427,12 @@ class RowPacker:
     self._names = list(streams)
     self._streams = [streams[n] for n in self._names]
     total = sum(weights[n] for n in self._names)
-    self._shares = np.array([weights[n] / total for n in self._names], np.float64)
-    self._modality = np.array([SOURCE_MODALITY[n] for n in self._names], np.int64)
+    # Python scalars: the packing loop runs once per segment.
+    self._shares = [weights[n] / total for n in self._names]
+    self._modality = [SOURCE_MODALITY[n] for n in self._names]
     self._seq_len, self._max_segments, self._layout = seq_len, max_segments, layout
     self._text = [n == "text" for n in self._names]
-    self._placed = np.zeros(len(vocab_lib.MODALITIES), np.int64)   # real tokens per modality
+    self._placed = [0] * len(vocab_lib.MODALITIES)   # real tokens per modality
     # Per source: ((tokens, cond length, target length), offset of its first unplaced token).
     self._waiting: list = [None] * len(self._names)
 
@@ -441,7 +442,7 @@ class RowPacker:
     if self._text[source]:
       return item, 0, 0
     cond, target = item
-    begin, end = _target_brackets(int(self._modality[source]), self._layout)
+    begin, end = _target_brackets(self._modality[source], self._layout)
     tokens = np.concatenate([[self._layout.bos], cond, [begin], target,
                              [end, self._layout.eos]]).astype(np.int32)
     if len(tokens) > self._seq_len:
@@ -453,9 +454,10 @@ class RowPacker:
 
   def _pick(self, room: int, filled: int) -> int | None:
     """The source of the next segment, with its example waiting; None: pad the row."""
-    placed, total = self._placed, self._placed.sum()
-    below = placed[self._modality] / self._shares
-    for rank, s in enumerate(np.argsort(below, kind="stable").tolist()):
+    placed, total = self._placed, sum(self._placed)
+    order = sorted(range(len(self._names)),
+                   key=lambda s: placed[self._modality[s]] / self._shares[s])
+    for rank, s in enumerate(order):
       if rank and placed[self._modality[s]] > self._shares[s] * total:
         return None   # this source and the rest are above their share
       if self._waiting[s] is None:
@@ -477,7 +479,7 @@ class RowPacker:
         if s is None:
           break
         (tokens, cond_len, target_len), offset = self._waiting[s]
-        examples.setdefault(id(tokens), (tokens, int(self._modality[s]), cond_len, target_len))
+        examples.setdefault(id(tokens), (tokens, self._modality[s], cond_len, target_len))
         count = min(len(tokens) - offset, seq_len - filled)
         segments += 1
         pieces.append((id(tokens), offset, count, r, filled, segments))
@@ -528,7 +530,7 @@ class RowPacker:
   def set_state(self, state) -> None:
     for name, stream in zip(self._names, self._streams):
       stream.set_state(state["streams"][name])
-    self._placed = np.asarray(state["placed"], np.int64)
+    self._placed = [int(x) for x in state["placed"]]
     self._waiting = [None if int(offset) < 0 else (self._example(s), int(offset))
                      for s, offset in enumerate(state["waiting_offsets"])]
 
