@@ -146,8 +146,16 @@ def test_loss_decreases_and_bits_per_modality_are_reported(tmp_path):
                      "train.eval_every": 10})
   loop.train(c, str(tmp_path))
   with open(tmp_path / loop.METRICS_FILE) as f:
-    evals = {r["step"]: r for r in map(json.loads, f) if r["split"] == "eval"}
+    records = [json.loads(line) for line in f]
+  evals = {r["step"]: r for r in records if r["split"] == "eval"}
   assert evals[60]["loss"] < 0.97 * evals[10]["loss"], evals  # eval is deterministic
+  # The logged real-token fraction of each interval is the loader's over the same batches.
+  it = iter(pipeline.make_dataset(c, "train"))
+  for r in (r for r in records if r["split"] == "train"):
+    live = [float((next(it)["segment_ids"] > 0).mean()) for _ in range(10)]
+    assert r["real_token_fraction"] == pytest.approx(np.mean(live), rel=1e-5)
+    assert r["real_tokens_per_s_per_device"] == pytest.approx(
+        r["tokens_per_s_per_device"] * r["real_token_fraction"])
   with open(tmp_path / loop.EVAL_REPORT) as f:
     report = json.load(f)
   for name in ("text", "image", "audio"):
