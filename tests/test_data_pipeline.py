@@ -330,6 +330,8 @@ def test_bench_reports_per_host_rates():
   r = bench.run(_config(seq_len=32, global_batch=4), batches=3, seconds=0.0, warmup_s=0.0)
   assert r["batches"] >= 3 and r["tokens_per_s"] == pytest.approx(
       r["batches_per_s"] * 4 * 32, rel=0.01)
+  assert r["real_fraction"] == pytest.approx(r["non_pad_tokens_per_s"] / r["tokens_per_s"],
+                                             rel=0.01)
 
 
 def test_batched_record_reads_equal_one_at_a_time_and_name_bad_records(tmp_path):
