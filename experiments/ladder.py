@@ -15,6 +15,10 @@ Argument: comma-separated key=value, all optional:
   sde     1 (default) | 0: SDE batch-size reparameterisation of lr/betas/eps from the base point
   data    a directory written by `python -m tmdiff.data.prepare` (default: synthetic data)
 
+From seq 256 on (two pairs of up to 128 tokens a row) pairs are packed, several a row
+(data.pack_pairs, max_segments = seq // 64); `--config.data.pack_pairs=False` restores the
+paper's layout, one pair per row, padded.
+
 Ladder at seq_len 2048, vocabulary 34,048 (32k text + 1k image + 1k audio, padded). Tokens/s/device
 are ESTIMATES (MFU 20% below 100M, 33% to 300M, 40% above, x0.75 with block remat; anchored on
 the H200 train-step measurements in docs/benchmarks.md: 169M at 33%, 937M at 39.9%), not measured

@@ -122,3 +122,12 @@ def test_lr_schedule_shapes(schedule):
     assert f(699) == pytest.approx(1.0) and f(850) == pytest.approx(0.55) and f(1000) == pytest.approx(0.1)
   else:
     assert f(1000) == 1.0
+
+
+def test_packed_pairs_need_room_for_two_segments():
+  c = get_base_config()
+  c.data.pack_pairs, c.data.max_segments = True, 1
+  with pytest.raises(ConfigError, match="data.max_segments"):
+    validate_lib.validate(c, num_devices=1)
+  c.data.max_segments = 2
+  validate_lib.validate(c, num_devices=1)

@@ -330,6 +330,8 @@ def test_bench_reports_per_host_rates():
   r = bench.run(_config(seq_len=32, global_batch=4), batches=3, seconds=0.0, warmup_s=0.0)
   assert r["batches"] >= 3 and r["tokens_per_s"] == pytest.approx(
       r["batches_per_s"] * 4 * 32, rel=0.01)
+  assert r["real_fraction"] == pytest.approx(r["non_pad_tokens_per_s"] / r["tokens_per_s"],
+                                             rel=0.01)
 
 
 def test_batched_record_reads_equal_one_at_a_time_and_name_bad_records(tmp_path):
@@ -355,3 +357,131 @@ def test_batched_record_reads_equal_one_at_a_time_and_name_bad_records(tmp_path)
     assert meta["id"] == i and set(item) == set(want)
     for name in want:
       np.testing.assert_array_equal(item[name], want[name])
+
+
+# ----------------------------------------------------------------------------------------
+# data.pack_pairs: pairs packed beside other pairs and text.
+
+def _segments(batch):
+  """(row, segment id, column slice) of every segment of a batch, in row-major order."""
+  out = []
+  for r, seg in enumerate(batch["segment_ids"]):
+    for s in range(1, int(seg.max()) + 1):
+      idx = np.flatnonzero(seg == s)
+      assert idx.size and np.array_equal(idx, np.arange(idx[0], idx[-1] + 1)), (r, s)  # one run
+      out.append((r, s, slice(int(idx[0]), int(idx[-1]) + 1)))
+  return out
+
+
+def test_packed_pairs_are_whole_segments_in_stream_order():
+  """Every pair is one whole segment, `<bos> cond <boX> target <eoX> <eos>` as pair_example lays
+  out the stream's next record (validation: records in order); text pieces concatenate to the
+  text documents in order; positions restart; ids stay in their modality's range."""
+  from tmdiff.data import synthetic
+  c = _config(seq_len=64, global_batch=4, max_segments=6, pack_pairs=True)
+  layout = _layout(c)
+  it = iter(pipeline.make_dataset(c, "validation"))
+  pairs = {"image_text": [], "audio_text": []}
+  text = []
+  rows_with_two_pairs = 0
+  for _ in range(12):
+    b = next(it)
+    check_invariants_packed(b, c)
+    for r, s, cols in _segments(b):
+      tok, mod, cond = b["tokens"][r, cols], b["modality"][r, cols], b["cond_mask"][r, cols]
+      np.testing.assert_array_equal(b["positions"][r, cols], np.arange(len(tok)))
+      if mod.max() == vocab_lib.TEXT and not cond.any():
+        text.append(tok)
+        continue
+      name = "image_text" if mod.max() == vocab_lib.IMAGE else "audio_text"
+      pairs[name].append({"tokens": tok, "modality": mod, "cond_mask": cond})
+    live = b["segment_ids"] > 0
+    n_pairs = np.array([len(np.unique(b["segment_ids"][r][b["cond_mask"][r] > 0]))
+                        for r in range(len(live))])
+    rows_with_two_pairs += int((n_pairs >= 2).sum())
+  assert rows_with_two_pairs > 0 and all(len(v) > 5 for v in pairs.values()) and text
+  for name, got in pairs.items():
+    modality = pipeline.SOURCE_MODALITY[name]
+    cond_name, target_name = (f for f, _ in pipeline.records_lib.SOURCE_FIELDS[name])
+    for k, pair in enumerate(got):
+      record = synthetic.make_record(name, k, split="validation", seed=c.seed,
+                                     seq_len=c.data.seq_len, layout=layout)
+      start = layout.range_of(vocab_lib.TEXT)[0]
+      want = pipeline.pair_example(record[cond_name] + start,
+                                   record[target_name] + layout.range_of(modality)[0],
+                                   modality, layout)
+      for f in want:
+        np.testing.assert_array_equal(pair[f], want[f], err_msg=f"{name} pair {k} {f}")
+  flat = np.concatenate(text)
+  docs, n = [], 0
+  while n < len(flat):
+    record = synthetic.make_record("text", len(docs), split="validation", seed=c.seed,
+                                   seq_len=c.data.seq_len, layout=layout)
+    docs.append(pipeline.text_example(record["text"] + layout.text_range[0], layout)["tokens"])
+    n += len(docs[-1])
+  np.testing.assert_array_equal(flat, np.concatenate(docs)[:len(flat)])
+
+
+def check_invariants_packed(batch, c):
+  """The batch contract, and each modality's ids inside its range, segment by segment."""
+  layout = _layout(c)
+  batch_lib.check_batch(batch, batch_size=c.data.global_batch, seq_len=c.data.seq_len,
+                        layout=layout, max_segments=c.data.max_segments)
+  for r in range(batch["tokens"].shape[0]):
+    seg = batch["segment_ids"][r]
+    n = int((seg > 0).sum())
+    assert (seg[:n] > 0).all() and np.all(np.diff(seg[:n]) == (np.diff(seg[:n]) > 0))
+  for m in range(len(vocab_lib.MODALITIES)):
+    tok = batch["tokens"][(batch["modality"] == m) & (batch["segment_ids"] > 0)]
+    lo, hi = layout.range_of(m)
+    specials = tok < layout.num_special if m == vocab_lib.TEXT else np.zeros_like(tok, bool)
+    assert np.all(specials | ((tok >= lo) & (tok < hi))), vocab_lib.MODALITIES[m]
+
+
+def test_packed_token_fractions_match_the_mixture_within_two_percent_over_10k_rows():
+  weights = dict(text=0.5, image_text=0.3, audio_text=0.2)
+  c = _config(seq_len=128, global_batch=500, mixture=weights, pack_pairs=True)
+  padded = iter(pipeline.make_dataset(_config(seq_len=128, global_batch=500, mixture=weights),
+                                      "train"))
+  it = iter(pipeline.make_dataset(c, "train"))
+  for _ in range(20):   # 10k rows
+    next(it)
+    next(padded)
+  fractions = it.token_fractions()
+  for (name, w), modality in zip(weights.items(), vocab_lib.MODALITIES):
+    assert abs(fractions[modality] - w) < 0.02, (modality, fractions)
+  assert it.stats()["batches"] == 20
+  # Packing fills the rows that padding leaves empty.
+  assert it.real_fraction() > 0.9 > padded.real_fraction()
+  assert padded.real_fraction() == pytest.approx(
+      sum(padded.stats()["tokens"].values()) / (10_000 * 128))
+
+
+def test_packed_exact_mix_holds_each_batch_composition():
+  weights = dict(text=0.5, image_text=0.3, audio_text=0.2)
+  c = _config(seq_len=160, global_batch=10, mixture=weights, exact_mix=True, pack_pairs=True)
+  it = iter(pipeline.make_dataset(c, "train"))
+  for _ in range(6):
+    b = next(it)
+    check_invariants_packed(b, c)
+    assert pipeline.batch_row_counts(b).tolist() == [5, 3, 2]
+    pair_rows = b["modality"].max(axis=1) > 0
+    assert b["segment_ids"][pair_rows].max() >= 2   # several pairs in a pair row
+
+
+def test_packed_iterator_restores_the_same_continuation_and_refuses_the_other_layout():
+  c = _config(seq_len=48, global_batch=4, pack_pairs=True)
+  it = iter(pipeline.make_dataset(c, "train"))
+  for _ in range(7):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(70)]   # past the block
+  restored = iter(pipeline.make_dataset(c, "train"))
+  restored.set_state(state)
+  for a, b in zip(expected, (next(restored) for _ in range(70))):
+    for f in batch_lib.FIELDS:
+      np.testing.assert_array_equal(a[f], b[f])
+  assert restored.stats() == it.stats()
+  padded = iter(pipeline.make_dataset(_config(seq_len=48, global_batch=4), "train"))
+  with pytest.raises(pipeline.DataConfigError, match="data.pack_pairs"):
+    padded.set_state(state)

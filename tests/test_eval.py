@@ -29,9 +29,11 @@ def tiny_config():
 
 
 # --- ELBO ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def elbo_setup():
+@pytest.fixture(scope="module", params=["padded", "packed"])
+def elbo_setup(request):
   c = tiny_config()
+  if request.param == "packed":   # several pairs a row, beside text
+    c.data.seq_len, c.data.pack_pairs = 64, True
   layout = vocab_lib.VocabLayout.from_config(c.vocab)
   host_params = nnx.to_pure_dict(nnx.state(Transformer(c.model, layout, rngs=nnx.Rngs(0))))
   rows = elbo.validation_rows(c, 12)
@@ -58,7 +60,7 @@ def test_validation_rows_do_not_depend_on_how_many_are_read(elbo_setup):
 
 
 def test_elbo_is_the_same_for_batch_1_4_16_and_on_1_or_8_devices(elbo_setup, per_row_runs):
-  _, _, rows = elbo_setup
+  c, _, rows = elbo_setup
   ref = per_row_runs[(1, 1)]
   runs = {k: v for k, v in per_row_runs.items() if k != (1, 1)}
   ref_summary = elbo.summarize_rows(ref)
@@ -71,6 +73,9 @@ def test_elbo_is_the_same_for_batch_1_4_16_and_on_1_or_8_devices(elbo_setup, per
     for name, value in summary.items():
       assert value == pytest.approx(ref_summary[name], rel=1e-6), (key, name)
   assert ref["tokens"].sum() == rows["loss_mask"].sum()
+  if c.data.pack_pairs:   # the rows hold several pairs
+    assert max(len(np.unique(s[m > 0])) for s, m in zip(rows["segment_ids"],
+                                                         rows["cond_mask"])) >= 2
 
 
 def test_per_row_elbo_equals_the_objective_on_each_row_alone(elbo_setup, per_row_runs):

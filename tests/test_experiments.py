@@ -114,3 +114,17 @@ def test_physical_batch_variants():
     assert hp.steps == round(d / (seq * b)) and hp.token_horizon == int(d)
   const = derive(_variant("physical_batch", "const_b256"))
   assert (const.kappa, const.lr) == (1.0, base.optim.lr)
+
+
+def test_pairs_are_packed_where_a_row_holds_two_and_padded_below():
+  """Rows of seq >= 2 x the longest pair pack pairs (the ladder at 2048, and its ablations);
+  shorter rows (tiny, showcase, seq 128) keep the paper's one pair per row."""
+  for arg in ("size=m", "size=m,seq=256"):
+    c = sweep_lib.load_module("experiments/ladder.py").get_config(arg)
+    assert c.data.pack_pairs and c.data.max_segments == max(8, c.data.seq_len // 64), arg
+  for path, arg in (("experiments/ladder.py", "size=m,seq=128"), ("experiments/tiny.py", ""),
+                    ("experiments/showcase.py", "")):
+    c = sweep_lib.load_module(path).get_config(arg) if arg else sweep_lib.load_module(
+        path).get_config()
+    assert not c.data.pack_pairs and c.data.seq_len < 2 * ladder.MAX_PAIR_TOKENS, path
+  assert _variant("mixing", "text_heavy").data.pack_pairs

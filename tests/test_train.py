@@ -146,8 +146,16 @@ def test_loss_decreases_and_bits_per_modality_are_reported(tmp_path):
                      "train.eval_every": 10})
   loop.train(c, str(tmp_path))
   with open(tmp_path / loop.METRICS_FILE) as f:
-    evals = {r["step"]: r for r in map(json.loads, f) if r["split"] == "eval"}
+    records = [json.loads(line) for line in f]
+  evals = {r["step"]: r for r in records if r["split"] == "eval"}
   assert evals[60]["loss"] < 0.97 * evals[10]["loss"], evals  # eval is deterministic
+  # The logged real-token fraction of each interval is the loader's over the same batches.
+  it = iter(pipeline.make_dataset(c, "train"))
+  for r in (r for r in records if r["split"] == "train"):
+    live = [float((next(it)["segment_ids"] > 0).mean()) for _ in range(10)]
+    assert r["real_token_fraction"] == pytest.approx(np.mean(live), rel=1e-5)
+    assert r["real_tokens_per_s_per_device"] == pytest.approx(
+        r["tokens_per_s_per_device"] * r["real_token_fraction"])
   with open(tmp_path / loop.EVAL_REPORT) as f:
     report = json.load(f)
   for name in ("text", "image", "audio"):
@@ -258,3 +266,64 @@ def test_sigkill_mid_run_then_restart_continues_exactly(tmp_path):
   straight, resumed = read_losses(tmp_path / "straight"), read_losses(killed)
   assert sorted(resumed) == list(range(1, 61))
   assert [resumed[s] for s in range(9, 61)] == [straight[s] for s in range(9, 61)]  # bitwise
+
+
+def test_a_packed_pair_contributes_what_it_does_alone_in_a_padded_row():
+  """Under loss_norm 'fixed', a pair packed beside others and the same pair alone in a padded
+  row (same noisy tokens, time and masks) give the same loss contribution and gradient: the
+  model sees only its segment, positions restart, and a token's weight depends only on its
+  segment's time. Its time and weights come from its own segment's draw in both layouts."""
+  from tmdiff.diffusion import objective as obj_lib
+  c = tiny_config(**{"data.seq_len": 64, "data.global_batch": 4, "data.pack_pairs": True,
+                     "diffusion.loss_norm": "fixed", "model.n_layers": 1})
+  trainer = Trainer(c, make_mesh(c, jax.devices()[:1]))
+  params = trainer.init_state()["params"]
+  batch = next(iter(pipeline.make_dataset(c, "train")))
+  seg, cond = batch["segment_ids"], batch["cond_mask"]
+  row, s = next((r, int(s)) for r in range(len(seg)) for s in np.unique(seg[r][cond[r] > 0])
+                if s > 1)   # a pair that is not its row's first segment
+  cols = np.flatnonzero(seg[row] == s)
+  n, (b, length) = len(cols), seg.shape
+  u = np.asarray(jax.random.uniform(jax.random.key(1), (b, c.data.max_segments + 1)))
+  packed = obj_lib.corrupt(jax.tree.map(jax.numpy.asarray, batch), jax.random.key(2),
+                           trainer.objective, c.data.max_segments, time_uniforms=u)
+  alone = {k: np.zeros_like(v) for k, v in batch.items()}
+  alone["tokens"][:] = trainer.layout.pad
+  for k, v in batch.items():
+    alone[k][0, :n] = v[row, cols]
+  alone["segment_ids"][0, :n] = 1
+  shifted = {}
+  for field in packed._fields:
+    x = np.zeros_like(np.asarray(getattr(packed, field)))
+    if field == "tokens":
+      x[:] = alone["tokens"]
+    x[0, :n] = np.asarray(getattr(packed, field))[row, cols]
+    shifted[field] = jax.numpy.asarray(x)
+  shifted = obj_lib.Corruption(**shifted)
+  assert np.asarray(packed.supervised)[row, cols].any()
+
+  def contribution(params, batch, corruption, at_row, at_cols):
+    logp = trainer._target_logp(params, batch, corruption)
+    nll = jax.numpy.where(corruption.supervised, -logp * corruption.weight, 0.0)
+    return nll[at_row, at_cols].sum() / obj_lib.loss_normaliser(corruption, "fixed")
+  grad = jax.jit(jax.value_and_grad(contribution), static_argnums=(3,))
+  with trainer._context():
+    v_packed, g_packed = grad(params, jax.tree.map(jax.numpy.asarray, batch), packed, row,
+                              jax.numpy.asarray(cols))
+    v_alone, g_alone = grad(params, jax.tree.map(jax.numpy.asarray, alone), shifted, 0,
+                            jax.numpy.arange(n))
+  assert float(v_packed) > 0
+  np.testing.assert_allclose(float(v_packed), float(v_alone), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8),
+               g_packed, g_alone)
+  # The padded row's own corruption, its time drawn from the same slot value: same t, and the
+  # same weight wherever both layouts supervise a token.
+  u_alone = np.zeros_like(u)
+  u_alone[0, 1] = u[row, s]
+  own = obj_lib.corrupt(jax.tree.map(jax.numpy.asarray, alone), jax.random.key(3),
+                        trainer.objective, c.data.max_segments, time_uniforms=u_alone)
+  np.testing.assert_allclose(np.asarray(own.t)[0, :n], np.asarray(packed.t)[row, cols])
+  both = np.asarray(own.supervised)[0, :n] & np.asarray(packed.supervised)[row, cols]
+  assert both.any()
+  np.testing.assert_allclose(np.asarray(own.weight)[0, :n][both],
+                             np.asarray(packed.weight)[row, cols][both], rtol=1e-6)

@@ -5,9 +5,12 @@
   python -m tmdiff.scaling.sweep --sweep=experiments/sweeps/ablations.py:mixing,size=s,data=runs/data \\
       --root=runs/ablations/mixing
 
-Argument: VARIANT[,ladder arguments] (experiments/ladder.py). The weights are per row drawn;
-the realised token fractions (logged as token_fraction/<modality>) differ, since a packed text row
-and a padded pair hold different numbers of supervised tokens. Compare the per-modality eval ELBOs.
+Argument: VARIANT[,ladder arguments] (experiments/ladder.py). At the ladder's seq 2048 pairs are
+packed (data.pack_pairs) and the weights are shares of the real tokens per modality (captions
+count as text), which the realised token_fraction/<modality> tracks. With
+--config.data.pack_pairs=False (or seq < 256) they weigh rows instead, and the realised token
+fractions differ, since a packed text row and a padded pair hold different numbers of tokens.
+Compare the per-modality eval ELBOs.
 """
 from experiments.ablations import variant_config
 

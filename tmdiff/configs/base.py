@@ -62,9 +62,13 @@ def get_base_config() -> mlc.ConfigDict:
       seq_len=128,
       global_batch=8,         # physical batch B (sequences per step)
       max_segments=8,         # documents packed into one row, at most
-      # Modality mixing ratio: sampling weight of each source.
+      # Modality mixing ratio: sampling weight of each source, by rows; with pack_pairs, the
+      # share of real tokens per modality (text / image / audio; captions count as text).
       mixture=mlc.ConfigDict(dict(text=1.0, image_text=1.0, audio_text=1.0)),
-      exact_mix=False,        # hold the per-step composition exact
+      exact_mix=False,        # hold the per-step composition exact (rows per source)
+      # Pack whole pairs into rows, each its own segment, beside other pairs and text; off: one
+      # pair per row, padded (the paper's layout). A row holds at most max_segments segments.
+      pack_pairs=False,
       worker_count=0,         # >0: Grain multiprocessing prefetch workers
       eval_batches=4,
       on_bad_record="error",  # error | skip (skipped records are counted and logged)

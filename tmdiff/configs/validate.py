@@ -88,6 +88,10 @@ def validate(config, num_devices: int | None = None) -> None:
            f"{data.source!r} not in ('synthetic', 'prepared')")
   _require(data.source != "prepared" or bool(data.data_dir), "data.data_dir",
            "data.source='prepared' needs data.data_dir (run python -m tmdiff.data.prepare)")
+  _require(isinstance(data.pack_pairs, bool), "data.pack_pairs",
+           f"must be True or False, got {data.pack_pairs!r}")
+  _require(not data.pack_pairs or data.max_segments >= 2, "data.max_segments",
+           f"data.pack_pairs puts several pairs in a row; needs >= 2, got {data.max_segments}")
   if d.anti_masking:
     _require(data.global_batch % 2 == 0, "data.global_batch",
              f"anti-masking pairs rows, so the batch must be even, got {data.global_batch}")

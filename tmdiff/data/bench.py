@@ -4,6 +4,7 @@
   python -m tmdiff.data.bench --data_dir=DIR                    # prepared (vocab: manifest)
   python -m tmdiff.data.bench --data_dir=DIR --seq_len=128 --global_batch=16 --worker_count=0,4,8
   python -m tmdiff.data.bench --data_dir=DIR --step_tokens_per_s=2996630   # ratio to a train step
+  python -m tmdiff.data.bench --data_dir=DIR --seq_len=2048 --global_batch=8 --pack_pairs=0,1
 
 One JSON line per worker count. The pipeline is built as the trainer builds it on one host
 (process_count=1) and warmed up until every Grain worker has delivered two blocks of batches
@@ -12,7 +13,8 @@ blocks in worker order, so a short window would time start-up, not the loader) a
 least --warmup_s; `warmup_s` reports how long that took. Then it is timed for at least
 --seconds and --batches.
 tokens_per_s counts every position of a [B, L] batch (what the train step consumes);
-non_pad_tokens_per_s counts real tokens. main_cpu_s is the CPU time of this process over the
+non_pad_tokens_per_s counts real tokens, real_fraction = non_pad_tokens_per_s / tokens_per_s
+(the share of the positions that hold real tokens). main_cpu_s is the CPU time of this process over the
 timed part (with workers, they run in other processes), so main_cpu_s / seconds < 1 means
 the consumer waited for data. With --step_tokens_per_s, loader_over_step = tokens_per_s / it
 (the acceptance bar is >= 5).
@@ -57,6 +59,8 @@ def run(config, batches: int = 200, seconds: float = 3.0, warmup_s: float = 1.0)
           "first_batch_s": round(first_batch_s, 3), "warmup_s": round(warm_s, 3),
           "batches_per_s": round(n / wall, 1), "rows_per_s": round(n * b / wall),
           "tokens_per_s": round(n * b * l / wall), "non_pad_tokens_per_s": round(live / wall),
+          "pack_pairs": bool(config.data.pack_pairs), "max_segments": int(config.data.max_segments),
+          "real_fraction": round(live / (n * b * l), 4),
           "token_fractions": fractions}
 
 
@@ -72,6 +76,9 @@ def main(argv=None) -> None:
   p.add_argument("--worker_count", default="0",
                  help="Grain worker processes; a comma list runs each in turn")
   p.add_argument("--exact_mix", action="store_true")
+  p.add_argument("--pack_pairs", default="0",
+                 help="data.pack_pairs: 0 | 1, or a comma list (each in turn)")
+  p.add_argument("--max_segments", type=int, default=0, help="0: base config")
   p.add_argument("--text_size", type=int, default=0, help="0: the manifest's")
   p.add_argument("--image_size", type=int, default=0, help="0: the manifest's")
   p.add_argument("--audio_size", type=int, default=0, help="0: the manifest's")
@@ -89,14 +96,18 @@ def main(argv=None) -> None:
     c.data.seq_len = args.seq_len
   if args.global_batch:
     c.data.global_batch = args.global_batch
+  if args.max_segments:
+    c.data.max_segments = args.max_segments
   c.data.exact_mix = args.exact_mix
-  for workers in [int(w) for w in args.worker_count.split(",")]:
-    c.data.worker_count = workers
-    result = run(c, args.batches, args.seconds, args.warmup_s)
-    if args.step_tokens_per_s:
-      result["step_tokens_per_s"] = args.step_tokens_per_s
-      result["loader_over_step"] = round(result["tokens_per_s"] / args.step_tokens_per_s, 2)
-    print(json.dumps(result), flush=True)
+  for pack in [p.strip() not in ("0", "false", "False") for p in args.pack_pairs.split(",")]:
+    c.data.pack_pairs = pack
+    for workers in [int(w) for w in args.worker_count.split(",")]:
+      c.data.worker_count = workers
+      result = run(c, args.batches, args.seconds, args.warmup_s)
+      if args.step_tokens_per_s:
+        result["step_tokens_per_s"] = args.step_tokens_per_s
+        result["loader_over_step"] = round(result["tokens_per_s"] / args.step_tokens_per_s, 2)
+      print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

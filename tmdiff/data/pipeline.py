@@ -1,5 +1,5 @@
-"""The Grain input pipeline: records -> examples -> rows (text packed, pairs padded) -> mixture
--> batches.
+"""The Grain input pipeline: records -> examples -> rows (text packed, pairs padded or packed)
+-> mixture -> batches.
 
   make_dataset(config, split, process_index=0, process_count=1) -> grain.IterDataset of numpy
   batch dicts (tmdiff.data.batch)
@@ -16,6 +16,9 @@ Row g of the mixture comes from the source into whose data.mixture share of [0, 
 golden-ratio sequence frac((g + 1/2) * 0.618...) falls (deterministic, and the realised
 fractions track the weights closely over any window); with data.exact_mix each batch takes a
 fixed number of rows from each source instead, in source order.
+With data.pack_pairs, pairs are packed too: whole pairs and text documents, each its own
+segment (positions restart), share rows, and data.mixture weights the real tokens per modality
+(RowPacker); with data.exact_mix as well, each row holds one source's pairs, packed.
 
 Speed: no Python work per token and little per example. Streams read records ahead in chunks
 (one ArrayRecord read per shard touched, validation and layout as array ops over the chunk);
@@ -406,6 +409,132 @@ class PairPadder:
     self._stream.set_state(state["stream"])
 
 
+class RowPacker:
+  """data.pack_pairs: rows of whole pairs and text documents, each its own segment.
+
+  data.mixture weights are shares of the real tokens per modality here, counted as
+  token_fraction/<modality> counts them (a pair's caption or transcript and its bracket tokens
+  are text; its image or audio tokens are its target modality). Each source keeps one example
+  waiting; the next segment is the waiting example of the source whose modality is furthest
+  below its share of the tokens placed so far or, when that example does not fit the room left,
+  of the next source still below its share; when none fits, the rest of the row is padded. A
+  pair is never split; a text document is split at the row end as in TextPacker. At most
+  max_segments segments a row. With one source (data.exact_mix), a row holds that source only.
+  """
+
+  def __init__(self, streams: dict[str, ExampleStream], weights: dict[str, float],
+               seq_len: int, max_segments: int, layout: vocab_lib.VocabLayout):
+    self._names = list(streams)
+    self._streams = [streams[n] for n in self._names]
+    total = sum(weights[n] for n in self._names)
+    # Python scalars: the packing loop runs once per segment.
+    self._shares = [weights[n] / total for n in self._names]
+    self._modality = [SOURCE_MODALITY[n] for n in self._names]
+    self._seq_len, self._max_segments, self._layout = seq_len, max_segments, layout
+    self._text = [n == "text" for n in self._names]
+    self._placed = [0] * len(vocab_lib.MODALITIES)   # real tokens per modality
+    # Per source: ((tokens, cond length, target length), offset of its first unplaced token).
+    self._waiting: list = [None] * len(self._names)
+
+  def _example(self, source: int) -> tuple:
+    """(unified tokens, 1 + caption length, target length) of `source`'s next example."""
+    item = self._streams[source].next()
+    if self._text[source]:
+      return item, 0, 0
+    cond, target = item
+    begin, end = _target_brackets(self._modality[source], self._layout)
+    tokens = np.concatenate([[self._layout.bos], cond, [begin], target,
+                             [end, self._layout.eos]]).astype(np.int32)
+    if len(tokens) > self._seq_len:
+      raise DataConfigError(
+          f"a {self._names[source]} pair has {len(tokens)} tokens > data.seq_len="
+          f"{self._seq_len}; raise data.seq_len or rerun prepare with "
+          f"--max_pair_tokens={self._seq_len}")
+    return tokens, 1 + len(cond), len(target)
+
+  def _pick(self, room: int, filled: int) -> int | None:
+    """The source of the next segment, with its example waiting; None: pad the row."""
+    placed, total = self._placed, sum(self._placed)
+    order = sorted(range(len(self._names)),
+                   key=lambda s: placed[self._modality[s]] / self._shares[s])
+    for rank, s in enumerate(order):
+      if rank and placed[self._modality[s]] > self._shares[s] * total:
+        return None   # this source and the rest are above their share
+      if self._waiting[s] is None:
+        self._waiting[s] = (self._example(s), 0)
+      (tokens, _, _), offset = self._waiting[s]
+      if len(tokens) - offset <= room or (
+          self._text[s] and (not filled or room >= MIN_SPLIT_TOKENS)):
+        return s
+    return None
+
+  def fill(self, out: np.ndarray, rows: np.ndarray) -> None:
+    seq_len = self._seq_len
+    examples = {}   # id -> (tokens, modality, cond length, target length)
+    pieces = []     # (example id, offset, count, row index, column, segment)
+    for r in range(len(rows)):
+      filled = segments = 0
+      while filled < seq_len and segments < self._max_segments:
+        s = self._pick(seq_len - filled, filled)
+        if s is None:
+          break
+        (tokens, cond_len, target_len), offset = self._waiting[s]
+        examples.setdefault(id(tokens), (tokens, self._modality[s], cond_len, target_len))
+        count = min(len(tokens) - offset, seq_len - filled)
+        segments += 1
+        pieces.append((id(tokens), offset, count, r, filled, segments))
+        if target_len:   # a whole pair
+          self._placed[vocab_lib.TEXT] += len(tokens) - target_len
+          self._placed[self._modality[s]] += target_len
+        else:
+          self._placed[vocab_lib.TEXT] += count
+        filled += count
+        self._waiting[s] = (None if offset + count == len(tokens) else
+                            ((tokens, cond_len, target_len), offset + count))
+    if not pieces:
+      return
+    slots = {key: k for k, key in enumerate(examples)}
+    table = list(examples.values())
+    key, offset, count, row, column, segment = np.array(pieces, np.int64).T
+    slot = np.array([slots[k] for k in key.tolist()], np.int64)
+    sizes = np.fromiter((len(e[0]) for e in table), np.int64, len(table))
+    modality = np.array([e[1] for e in table], np.int64)
+    cond_len = np.array([e[2] for e in table], np.int64)
+    target_len = np.array([e[3] for e in table], np.int64)
+    flat = np.concatenate([e[0] for e in table])
+    within = _ragged_arange(count)
+    ex = np.repeat(slot, count)
+    at = np.repeat(offset, count) + within        # position inside the example
+    dst = np.repeat(rows[row] * seq_len + column, count) + within
+    flat_out = out.reshape(len(FIELDS), -1)
+    flat_out[_TOKENS, dst] = flat[(np.cumsum(sizes) - sizes)[ex] + at]
+    flat_out[_SEGMENTS, dst] = np.repeat(segment, count)
+    flat_out[_POSITIONS, dst] = within
+    # A pair is <bos> cond <boX> target <eoX> <eos>: its target at cond_len + 1 .. + target_len.
+    is_target = (at > cond_len[ex]) & (at <= cond_len[ex] + target_len[ex])
+    flat_out[_MODALITY, dst] = np.where(is_target, modality[ex], 0)
+    flat_out[_LOSS, dst] = 1
+    flat_out[_COND, dst] = at < cond_len[ex]
+
+  def get_state(self) -> dict:
+    # A waiting example is the last one its stream read: resume by reading it again.
+    streams = {}
+    for name, stream, item in zip(self._names, self._streams, self._waiting):
+      state = stream.get_state()
+      if item is not None:
+        state = {"position": state["position"] - 1, "skipped": state["skipped"]}
+      streams[name] = state
+    return {"streams": streams, "placed": [int(x) for x in self._placed],
+            "waiting_offsets": [-1 if w is None else int(w[1]) for w in self._waiting]}
+
+  def set_state(self, state) -> None:
+    for name, stream in zip(self._names, self._streams):
+      stream.set_state(state["streams"][name])
+    self._placed = [int(x) for x in state["placed"]]
+    self._waiting = [None if int(offset) < 0 else (self._example(s), int(offset))
+                     for s, offset in enumerate(state["waiting_offsets"])]
+
+
 # ----------------------------------------------------------------------------------------
 # Mixture: which source each row comes from.
 
@@ -442,18 +571,32 @@ class _BlockIterator(grain_dataset.DatasetIterator):
   def __init__(self, spec: "BlockDataset"):
     super().__init__()
     self._spec = spec
-    self._builders = {}
-    for name, source in spec.sources.items():
-      stream = ExampleStream(source["records"], name, spec.layout, spec.policy,
-                             source["image_tokens"], offset=spec.offset, stride=spec.stride,
-                             shuffle_seed=source["shuffle_seed"])
-      self._builders[name] = (TextPacker(stream, spec.seq_len, spec.max_segments)
-                              if name == "text" else
-                              PairPadder(stream, spec.seq_len, name, spec.layout))
+    streams = {name: ExampleStream(source["records"], name, spec.layout, spec.policy,
+                                   source["image_tokens"], offset=spec.offset,
+                                   stride=spec.stride, shuffle_seed=source["shuffle_seed"])
+               for name, source in spec.sources.items()}
+    self._mixed = spec.pack_pairs and spec.exact_counts is None
+    if self._mixed:   # one packer draws every row's examples from all sources
+      self._builders = {"mixed": RowPacker(streams, spec.weights, spec.seq_len,
+                                           spec.max_segments, spec.layout)}
+    elif spec.pack_pairs:   # data.exact_mix: each row holds one source's examples
+      self._builders = {name: (TextPacker(stream, spec.seq_len, spec.max_segments)
+                               if name == "text" else
+                               RowPacker({name: stream}, {name: 1.0}, spec.seq_len,
+                                         spec.max_segments, spec.layout))
+                        for name, stream in streams.items()}
+    else:
+      self._builders = {name: (TextPacker(stream, spec.seq_len, spec.max_segments)
+                               if name == "text" else
+                               PairPadder(stream, spec.seq_len, name, spec.layout))
+                        for name, stream in streams.items()}
     self._row = 0   # rows made so far
 
   def _row_sources(self, n: int) -> np.ndarray:
+    """Index (into the builders) of the builder of each of the next n rows."""
     spec = self._spec
+    if self._mixed:
+      return np.zeros(n, np.int64)
     if spec.exact_counts is None:
       return mixture_sources(self._row, n, list(spec.weights.values()))
     per_batch = np.repeat(np.arange(len(spec.weights)),
@@ -475,17 +618,26 @@ class _BlockIterator(grain_dataset.DatasetIterator):
     live = fields[_SEGMENTS] > 0
     tokens = np.stack([((fields[_MODALITY] == m) & live).sum(axis=(1, 2))
                        for m in range(len(vocab_lib.MODALITIES))], axis=1)
-    by_batch = sources.reshape(k, b)
-    names = list(self._builders)
-    rows = np.stack([(by_batch == names.index(s)).sum(axis=1) if s in names
-                     else np.zeros(k, np.int64) for s in SOURCES], axis=1)
+    if self._mixed:   # a mixed row counts as its richest modality's source
+      richest = fields[_MODALITY].max(axis=2)
+      rows = np.stack([(richest == m).sum(axis=1) for m in range(len(SOURCES))], axis=1)
+    else:
+      by_batch = sources.reshape(k, b)
+      names = list(self._builders)
+      rows = np.stack([(by_batch == names.index(s)).sum(axis=1) if s in names
+                       else np.zeros(k, np.int64) for s in SOURCES], axis=1)
     return {"fields": fields, "tokens": tokens.astype(np.int64), "rows": rows.astype(np.int64)}
 
   def get_state(self):
-    return {"row": self._row,
+    return {"row": self._row, "pack_pairs": bool(self._spec.pack_pairs),
             "sources": {name: b.get_state() for name, b in self._builders.items()}}
 
   def set_state(self, state):
+    if bool(state.get("pack_pairs", False)) != bool(self._spec.pack_pairs):
+      raise DataConfigError(
+          f"data iterator state written with data.pack_pairs={state.get('pack_pairs', False)}, "
+          f"this pipeline has data.pack_pairs={self._spec.pack_pairs}; resume with the same "
+          "setting, or restore parameters only")
     self._row = int(state["row"])
     for name, builder in self._builders.items():
       builder.set_state(state["sources"][name])
@@ -501,8 +653,9 @@ class BlockDataset(grain.IterDataset):
   def __init__(self, *, sources: dict[str, dict], weights: dict[str, float],
                exact_counts: dict[str, int] | None, layout: vocab_lib.VocabLayout, policy: str,
                seq_len: int, max_segments: int, batch_size: int, batches: int, offset: int,
-               stride: int):
+               stride: int, pack_pairs: bool = False):
     super().__init__([])
+    self.pack_pairs = pack_pairs
     self.sources, self.weights, self.exact_counts = sources, weights, exact_counts
     self.layout, self.policy = layout, policy
     self.seq_len, self.max_segments = seq_len, max_segments
@@ -556,6 +709,7 @@ class _BatchIterator(grain_dataset.DatasetIterator):
     self._taken = 0            # batches of self._block handed out
     self._tokens = np.zeros(3, np.int64)
     self._rows = np.zeros(3, np.int64)
+    self._positions = 0        # positions handed out (real tokens: self._tokens.sum())
     self._batches = 0
 
   def __next__(self):
@@ -567,16 +721,22 @@ class _BatchIterator(grain_dataset.DatasetIterator):
     batch = {name: fields[i, k] for i, name in enumerate(FIELDS)}
     self._tokens += block["tokens"][k]
     self._rows += block["rows"][k]
+    self._positions += fields[_TOKENS, k].size
     self._taken += 1
     self._batches += 1
     if self._log_every and self._batches % self._log_every == 0:
-      logging.info("data: %d batches, realised token fractions %s, rows per source %s",
-                   self._batches, self.token_fractions(), self.row_counts())
+      logging.info("data: %d batches, realised token fractions %s, rows per source %s, "
+                   "real tokens %.1f%% of positions", self._batches, self.token_fractions(),
+                   self.row_counts(), 100 * self.real_fraction())
     return batch
 
   def token_fractions(self) -> dict[str, float]:
     """Realised fraction of non-pad tokens per modality since the start of training."""
     return token_fractions(self._tokens)
+
+  def real_fraction(self) -> float:
+    """Fraction of the positions handed out that hold real tokens (not padding)."""
+    return float(self._tokens.sum() / max(self._positions, 1))
 
   def row_counts(self) -> dict[str, int]:
     return {name: int(c) for name, c in zip(SOURCES, self._rows)}
@@ -595,6 +755,7 @@ class _BatchIterator(grain_dataset.DatasetIterator):
 
   def stats(self) -> dict[str, Any]:
     return {"batches": self._batches, "token_fractions": self.token_fractions(),
+            "real_fraction": self.real_fraction(),
             "tokens": {m: int(c) for m, c in zip(vocab_lib.MODALITIES, self._tokens)},
             "rows": self.row_counts(), "skipped_records": self.skipped_records()}
 
@@ -603,7 +764,8 @@ class _BatchIterator(grain_dataset.DatasetIterator):
     return {"format": STATE_FORMAT,
             "parent": self._block_state if mid_block else self._parent.get_state(),
             "taken": self._taken if mid_block else 0, "batches": self._batches,
-            "tokens": [int(x) for x in self._tokens], "rows": [int(x) for x in self._rows]}
+            "tokens": [int(x) for x in self._tokens], "rows": [int(x) for x in self._rows],
+            "positions": int(self._positions)}
 
   def set_state(self, state):
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
@@ -619,6 +781,7 @@ class _BatchIterator(grain_dataset.DatasetIterator):
     self._batches = int(state["batches"])
     self._tokens = np.asarray(state["tokens"], np.int64)
     self._rows = np.asarray(state["rows"], np.int64)
+    self._positions = int(state.get("positions", 0))
 
 
 class BatchDataset(grain.IterDataset):
@@ -729,7 +892,8 @@ def make_dataset(config, split: str = "train", *, process_index: int = 0,
   blocks = BlockDataset(sources=sources, weights=weights, exact_counts=counts, layout=layout,
                         policy=policy, seq_len=seq_len, max_segments=max_segments,
                         batch_size=batch_size, batches=batches_per_block(batch_size, seq_len),
-                        offset=process_index, stride=process_count)
+                        offset=process_index, stride=process_count,
+                        pack_pairs=bool(data.pack_pairs))
   if workers > 0:
     from absl import flags
     if not flags.FLAGS.is_parsed():  # grain workers read absl flags; outside absl.app, use defaults

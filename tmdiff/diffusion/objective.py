@@ -2,8 +2,11 @@
 
 Negative ELBO per sequence:  E_t E_xt [ sum_{i masked} w_m(i)(t) * -log p(x0_i | xt) ],
 w_m(t) = -alpha_m'(t) / (1 - alpha_m(t)) with one schedule per modality m, applied per token
-inside one packed sequence. Each segment (document) draws its own t, uniform on
-[t_min, t_max]; the integral over [0, t_min) is left out (it vanishes as t_min -> 0).
+inside one packed sequence. Each segment (document or pair) draws its own t, uniform on
+[t_min, t_max]; the integral over [0, t_min) is left out (it vanishes as t_min -> 0). A pair's
+conditioning decision (target-only masking, condition dropout) is drawn per segment too, so a
+pair is treated the same whether it shares its row with others or fills a padded row; a
+token's ELBO weight depends only on its segment's time and its modality.
 
 Anti-masking: rows 2k and 2k+1 carry the same example (the train step duplicates each loaded
 row), the same t and the same uniform draws; row 2k+1 masks exactly the complement of row 2k. The complement is
@@ -155,7 +158,9 @@ def corrupt(batch, rng, obj: Objective, max_segments: int, time_uniforms=None) -
   t_slots = per_row(t_groups)
   t = jnp.take_along_axis(t_slots, segment_ids, axis=1)
   r = per_row(jax.random.uniform(r_rng, (groups, length)))
-  flag = per_row(jax.random.uniform(flag_rng, (groups, 1)))
+  # One conditioning decision per segment (a pair), like its time.
+  flag_slots = per_row(jax.random.uniform(flag_rng, (groups, max_segments + 1)))
+  flag = jnp.take_along_axis(flag_slots, segment_ids, axis=1)
   drop_cond = flag < obj.cond_drop_prob
   target_only = (flag >= obj.cond_drop_prob) & (
       flag < obj.cond_drop_prob + obj.cond_target_only_prob)

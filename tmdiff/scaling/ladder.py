@@ -31,6 +31,9 @@ BASE_WIDTH, BASE_DEPTH = 128, 2
 # Production-like vocabulary (as in docs/benchmarks.md): 32k text BPE + 1k image + 1k audio codes.
 VOCAB = dict(text_size=32_000, image_size=1000, audio_size=1000)
 SEQ_LEN = 2048
+# Pairs are at most this long (prepare's --max_pair_tokens default): rows of 2x that or more
+# hold several pairs, so the ladder packs them (data.pack_pairs), max_segments = seq_len // 64.
+MAX_PAIR_TOKENS = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +168,9 @@ def build(size: str, hw: str | None = None, tokens: float | None = None, seq_len
   apply_mesh(c, HARDWARE[hw])
   c.data.seq_len = seq_len
   c.data.global_batch = batch or s.batch
+  if seq_len >= 2 * MAX_PAIR_TOKENS:
+    c.data.pack_pairs = True
+    c.data.max_segments = max(c.data.max_segments, seq_len // 64)
   if tokens is None:
     tokens = frontier_tokens(flops_lib.param_counts(c.model, vocab_padded(c))["total"])
   c.train.tokens = float(round(tokens))

@@ -135,14 +135,17 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None,
       elapsed = time.perf_counter() - tick
       tokens_per_s = (step - tick_step) * hp.tokens_per_step / elapsed
       metrics["tokens_per_s_per_device"] = tokens_per_s / len(devices)
+      metrics["real_tokens_per_s_per_device"] = (metrics["tokens_per_s_per_device"]
+                                                 * metrics["real_token_fraction"])
       if peak:
         metrics["mfu"] = flops_per_step * (step - tick_step) / elapsed / (peak * len(devices))
       writer.write(step, metrics)
       logging.info(
-          "step %d/%d loss %.4f bits/tok text %.3f image %.3f audio %.3f | %.0f tok/s/dev%s "
-          "| lr %.3g", step, hp.steps, metrics["loss"], metrics["bits_per_token/text"],
-          metrics["bits_per_token/image"], metrics["bits_per_token/audio"],
-          metrics["tokens_per_s_per_device"],
+          "step %d/%d loss %.4f bits/tok text %.3f image %.3f audio %.3f | %.0f tok/s/dev "
+          "(%.0f%% real)%s | lr %.3g", step, hp.steps, metrics["loss"],
+          metrics["bits_per_token/text"], metrics["bits_per_token/image"],
+          metrics["bits_per_token/audio"], metrics["tokens_per_s_per_device"],
+          100 * metrics["real_token_fraction"],
           f" MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "", metrics["lr"])
       if not np.isfinite(metrics["loss"]):
         raise FloatingPointError(f"loss is {metrics['loss']} at step {step}")

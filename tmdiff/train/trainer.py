@@ -204,6 +204,7 @@ class Trainer:
     metrics["param_norm"] = optax.tree.norm(params)
     metrics["lr"] = self.hp.lr * self.lr_multiplier(step)
     metrics["masked_fraction"] = sums["masked"].sum() / total_tokens
+    metrics["real_token_fraction"] = jnp.mean((batch["segment_ids"] > 0).astype(jnp.float32))
     return new_state, metrics
 
   def _eval_row_sums(self, params, batch, row_ids, time_uniforms):
