@@ -152,8 +152,11 @@ def _train(config, workdir, stop, stop_after, devices, data_shards) -> dict:
         tracker = _new_tracker(run=seen["run"])
         if t.on_nonfinite == "rollback":
           rollbacks += 1
+          bad_step = step
           step, state, it = _rollback(config, trainer, manager, workdir, seen, rollbacks,
                                       hp.examples_per_step, data_shards)
+          writer.write(bad_step, {"nonfinite_steps": bad, "rolled_back_to": step},
+                       prefix="rollback")
           interval, tick, tick_step = None, time.perf_counter(), step
           continue
     if log_now:
@@ -225,8 +228,8 @@ def _accumulate(interval, tracker, metrics, step):
 
 def _nonfinite_policy(t, seen, rollbacks: int) -> None:
   """Raises NonFiniteError when train.on_nonfinite says stop; logs a skip."""
-  where = (f"step {seen['first']}" if seen["count"] == 1 else
-           f"{seen['count']} steps from {seen['first']} to {seen['last']}")
+  where = f"step {seen['first']}" + (
+      f" ({seen['count']} steps up to step {seen['last']})" if seen["count"] > 1 else "")
   if t.on_nonfinite == "error":
     raise resilience.NonFiniteError(
         f"loss or gradients not finite at {where} (train.on_nonfinite='error'; 'skip' or "
