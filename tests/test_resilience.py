@@ -43,7 +43,7 @@ def _wait_for_step(workdir, step, proc=None, timeout=300):
 # ---- preemption ----
 
 def test_sigusr1_in_process_saves_the_step_in_progress_and_resumes_bitwise(tmp_path):
-  c = tiny_config(**{"train.steps": 200, "train.ckpt_every": 100, "train.eval_every": 0})
+  c = tiny_config(**{"train.steps": 60, "train.ckpt_every": 100, "train.eval_every": 0})
   work = str(tmp_path / "stopped")
   sender = threading.Thread(target=lambda: (_wait_for_step(work, 3),
                                             os.kill(os.getpid(), signal.SIGUSR1)), daemon=True)
@@ -52,15 +52,15 @@ def test_sigusr1_in_process_saves_the_step_in_progress_and_resumes_bitwise(tmp_p
   sender.join()
   stopped = read_losses(work)
   n = max(stopped)
-  assert 3 <= n < 100, n  # stopped mid-run, before any periodic checkpoint
+  assert 3 <= n < 60, n  # stopped mid-run, before any periodic checkpoint
   assert ckpt_lib.make_manager(work, read_only=True).all_steps() == [n]
   assert not os.path.exists(os.path.join(work, loop.EVAL_REPORT))
   assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
   loop.train(c, work, devices=ONE)
   loop.train(c, str(tmp_path / "straight"), devices=ONE)
   straight, resumed = read_losses(tmp_path / "straight"), read_losses(work)
-  assert sorted(resumed) == list(range(1, 201))
-  assert [resumed[s] for s in range(n + 1, 201)] == [straight[s] for s in range(n + 1, 201)]
+  assert sorted(resumed) == list(range(1, 61))
+  assert [resumed[s] for s in range(n + 1, 61)] == [straight[s] for s in range(n + 1, 61)]
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
@@ -68,7 +68,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   after saving the same step; the resume (1 process x 8 devices, same 2 data shards) continues
   as an uninterrupted run does."""
   from tests import test_distributed as td
-  overrides = {**td.OVERRIDES, "train.steps": 120, "train.ckpt_every": 1000,
+  overrides = {**td.OVERRIDES, "train.steps": 40, "train.ckpt_every": 1000,
                "train.preemption_check_every": 4}
   port = td.free_port()
   work = tmp_path / "two"
@@ -93,16 +93,16 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     stops.append(int(line.split("after step ")[1].split(":")[0]))
   assert "stopped by SIGTERM" in outs[1] and "another process's stop request" in outs[0]
   n = stops[0]
-  assert stops == [n, n] and n % 4 == 0 and n < 120, stops
+  assert stops == [n, n] and n % 4 == 0 and n < 40, stops
   assert ckpt_lib.make_manager(str(work), read_only=True).all_steps() == [n]
   assert max(read_losses(work)) == n
   config = td.make_config(overrides)
   loop.train(config, str(work), data_shards=2)
   loop.train(config, str(tmp_path / "straight"), data_shards=2)
   straight, resumed = read_losses(tmp_path / "straight"), read_losses(work)
-  assert sorted(resumed) == list(range(1, 121))
-  np.testing.assert_allclose([resumed[s] for s in range(n + 1, 121)],
-                             [straight[s] for s in range(n + 1, 121)], rtol=1e-5)
+  assert sorted(resumed) == list(range(1, 41))
+  np.testing.assert_allclose([resumed[s] for s in range(n + 1, 41)],
+                             [straight[s] for s in range(n + 1, 41)], rtol=1e-5)
 
 
 # ---- non-finite steps ----
