@@ -289,3 +289,15 @@ def test_preflight_names_an_unwritable_or_full_workdir(tmp_path, monkeypatch):
   with pytest.raises(resilience.WorkdirError,
                      match=f"workdir {tmp_path}/run has 0.0 MiB free; checkpoints need about"):
     loop.train(tiny_config(), str(tmp_path / "run"), devices=ONE)
+
+
+# ---- chaos ----
+
+def test_chaos_run_survives_kills_and_damage_with_bitwise_equal_losses(tmp_path):
+  from tmdiff.tools import chaos
+  summary = chaos.chaos(str(tmp_path / "chaos"), faults=4, steps=30, ckpt_every=5, log=print)
+  print(chaos.table(summary))
+  assert summary["faults"] == summary["survived"] == 4
+  assert {e["kind"] for e in summary["events"]} == set(chaos.KINDS)
+  assert summary["rows"]["sigterm"]["lost_beyond_last_step"] == 0
+  assert summary["losses_bitwise_equal"] and summary["data_order_same"]
