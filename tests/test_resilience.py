@@ -240,6 +240,9 @@ def test_damaged_latest_step_falls_back_to_the_newest_intact_one(saved_run, tmp_
   damage(step6)
   with pytest.raises(ckpt_lib.CheckpointError, match=r"cannot restore step 6: .*/checkpoints/6/"):
     _restore(work, config=tiny_config(**{"train.on_bad_checkpoint": "error"}))
+  trainer = Trainer(tiny_config(), make_mesh(tiny_config(), ONE))
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"cannot restore step 6: .*/checkpoints/6/"):
+    ckpt_lib.restore_params(str(work), trainer.abstract_state["params"])  # eval and sampling
   step, state, _ = _restore(work)
   assert step == 3 and int(state["step"]) == 3
   lines = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]

@@ -180,8 +180,9 @@ def summarize(ref, run, events, steps) -> dict:
   rows = {}
   for e in events:
     row = rows.setdefault(e["kind"], {"injected": 0, "survived": 0, "recomputed": 0,
-                                      "lost_beyond_last_step": 0, "fallbacks": 0})
+                                      "lost_beyond_last_step": 0, "fallbacks": 0, "in_save": 0})
     row["injected"] += 1
+    row["in_save"] += int(e["in_save"])
     survived = "resumed_at" in e and (e["kind"] != "sigterm" or (
         e["rc"] == 0 and e["saved"] and e["saved"][-1] == e["logged"]))
     row["survived"] += int(survived)
@@ -195,16 +196,18 @@ def summarize(ref, run, events, steps) -> dict:
 
 
 def table(summary) -> str:
-  lines = ["| fault | injected | survived | steps recomputed | lost beyond the last completed "
-           "step | fallbacks to an older step |", "|---|---|---|---|---|---|"]
+  lines = ["| fault | injected | survived | with a save in flight | steps recomputed | lost "
+           "beyond the last completed step | fallbacks to an older step |",
+           "|---|---|---|---|---|---|---|"]
   for kind in KINDS:
     r = summary["rows"].get(kind)
     if r:
       lost = r["lost_beyond_last_step"] if kind == "sigterm" else "n/a (since last checkpoint)"
-      lines.append(f"| {kind} | {r['injected']} | {r['survived']} | {r['recomputed']} | {lost} "
-                   f"| {r['fallbacks']} |")
-  lines.append(f"| **all** | {summary['faults']} | {summary['survived']} | "
-               f"{sum(r['recomputed'] for r in summary['rows'].values())} | | |")
+      lines.append(f"| {kind} | {r['injected']} | {r['survived']} | {r['in_save']} | "
+                   f"{r['recomputed']} | {lost} | {r['fallbacks']} |")
+  total = lambda key: sum(r[key] for r in summary["rows"].values())
+  lines.append(f"| **all** | {summary['faults']} | {summary['survived']} | {total('in_save')} | "
+               f"{total('recomputed')} | | {total('fallbacks')} |")
   lines += ["", f"final losses bitwise equal to the uninterrupted run: "
             f"{summary['losses_bitwise_equal']}; data order the same: "
             f"{summary['data_order_same']}"]
@@ -221,7 +224,10 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   tick = time.time()
-  summary = chaos(args.workdir, args.faults, args.steps, args.ckpt_every, args.seed)
+  summary = chaos(args.workdir, args.faults, args.steps, args.ckpt_every, args.seed,
+                  log=lambda line: print(line, flush=True))
+  with open(os.path.join(args.workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
   print(table(summary))
   print(f"wall time {time.time() - tick:.0f} s")
   ok = summary["losses_bitwise_equal"] and summary["data_order_same"] and \

@@ -165,6 +165,10 @@ def restore_params(workdir: str, abstract_params, *, step=None):
     raise CheckpointError(f"no checkpoint directory {directory}")
   manager = make_manager(workdir, read_only=True)
   step = _resolve_step(manager, workdir, step)
+  problem = check_step(os.path.join(directory, str(step)))
+  if problem is not None:
+    raise CheckpointError(f"cannot restore step {step}: {os.path.join(directory, str(step))}/"
+                          f"{problem}")
   _check_vocab(manager, workdir, step)
   item_dir = os.path.join(directory, str(step), STATE)
   target = {"params": abstract_params}

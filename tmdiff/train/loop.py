@@ -158,6 +158,9 @@ def _train(config, workdir, stop, stop_after, devices, data_shards) -> dict:
           writer.write(bad_step, {"nonfinite_steps": bad, "rolled_back_to": step},
                        prefix="rollback")
           interval, tick, tick_step = None, time.perf_counter(), step
+          if stopping:
+            logging.warning("stopped by %s after rolling back to checkpoint %d in %s",
+                            stop.received, step, ckpt_lib.checkpoint_dir(workdir))
           continue
     if log_now:
       # Means over the logging interval's finite steps; lr and norms as of this step.
