@@ -132,9 +132,9 @@ def chaos(workdir, faults, steps, ckpt_every, seed=0, log=print):
       proc = subprocess.Popen(command(run, steps, ckpt_every), cwd=ROOT, env=env, stdout=out,
                               stderr=subprocess.STDOUT)
       hit, event = False, None
-      if kind == "sigkill_during_save":  # the log of a checkpoint step comes just before its save
+      if kind == "sigkill_during_save":  # when a save is seen in flight, or one step after it
         pattern = os.path.join(run, "checkpoints", "*.orbax-checkpoint-tmp*")
-        target = (before // ckpt_every + 1) * ckpt_every
+        target = (before // ckpt_every + 1) * ckpt_every + 1
         hit = wait_for(lambda: last_step(run) >= target or (
             last_step(run) > before and glob.glob(pattern)), proc, 600)
       elif kind is not None:
