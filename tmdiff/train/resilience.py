@@ -112,6 +112,10 @@ def check_workdir(workdir: str, checkpoint_bytes: int, copies: int = 2) -> None:
   needed = copies * checkpoint_bytes
   if free < needed:
     raise WorkdirError(
-        f"workdir {path} has {free / 2**20:.1f} MiB free; checkpoints need about "
-        f"{needed / 2**20:.1f} MiB ({copies} x the {checkpoint_bytes / 2**20:.1f} MiB train "
-        "state): free space there or choose another --workdir")
+        f"workdir {path} has {_size(free)} free; checkpoints need about {_size(needed)} "
+        f"({copies} x the {_size(checkpoint_bytes)} train state): free space there or choose "
+        "another --workdir")
+
+
+def _size(n: int) -> str:
+  return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
