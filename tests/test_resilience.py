@@ -39,29 +39,36 @@ def _wait_for_step(workdir, step, proc=None, timeout=300):
     time.sleep(0.02)
 
 
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+  """An uninterrupted 6-step run (tiny_config) with checkpoints at steps 3 and 6."""
+  work = tmp_path_factory.mktemp("saved") / "run"
+  loop.train(tiny_config(), str(work), devices=ONE)
+  return work
+
+
 # ---- preemption ----
 
-def test_sigusr1_in_process_saves_the_step_in_progress_and_resumes_bitwise(tmp_path,
+def test_sigusr1_in_process_saves_the_step_in_progress_and_resumes_bitwise(saved_run, tmp_path,
                                                                           monkeypatch):
-  c = tiny_config(**{"train.steps": 12, "train.ckpt_every": 100, "train.eval_every": 0})
   work = str(tmp_path / "stopped")
   original = resilience.should_stop
 
-  def signal_during_step_5(request, step, every):  # step 5 is dispatched, not yet finished
-    if step == 5:
+  def signal_during_step_2(request, step, every):  # step 2 is dispatched, not yet finished
+    if step == 2:
       signal.raise_signal(signal.SIGUSR1)
     return original(request, step, every)
-  monkeypatch.setattr(resilience, "should_stop", signal_during_step_5)
-  assert loop.train(c, work, devices=ONE) == {}
-  assert max(read_losses(work)) == 5
-  assert ckpt_lib.make_manager(work, read_only=True).all_steps() == [5]  # only the stop's save
+  monkeypatch.setattr(resilience, "should_stop", signal_during_step_2)
+  assert loop.train(tiny_config(), work, devices=ONE) == {}
+  monkeypatch.undo()
+  assert max(read_losses(work)) == 2
+  assert ckpt_lib.make_manager(work, read_only=True).all_steps() == [2]  # the stop's save
   assert not os.path.exists(os.path.join(work, loop.EVAL_REPORT))
   assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
-  loop.train(c, work, devices=ONE)
-  loop.train(c, str(tmp_path / "straight"), devices=ONE)
-  straight, resumed = read_losses(tmp_path / "straight"), read_losses(work)
-  assert sorted(resumed) == list(range(1, 13))
-  assert [resumed[s] for s in range(6, 13)] == [straight[s] for s in range(6, 13)]  # bitwise
+  loop.train(tiny_config(), work, devices=ONE)
+  straight, resumed = read_losses(saved_run), read_losses(work)
+  assert sorted(resumed) == list(range(1, 7))
+  assert [resumed[s] for s in range(3, 7)] == [straight[s] for s in range(3, 7)]  # bitwise
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
@@ -69,7 +76,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   after saving the same step; the resume (1 process x 8 devices, same 2 data shards) continues
   as an uninterrupted run does."""
   from tests import test_distributed as td
-  overrides = {**td.OVERRIDES, "train.steps": 40, "train.ckpt_every": 1000,
+  overrides = {**td.OVERRIDES, "train.steps": 16, "train.ckpt_every": 1000,
                "train.preemption_check_every": 4}
   port = td.free_port()
   work = tmp_path / "two"
@@ -94,16 +101,16 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     stops.append(int(line.split("after step ")[1].split(":")[0]))
   assert "stopped by SIGTERM" in outs[1] and "another process's stop request" in outs[0]
   n = stops[0]
-  assert stops == [n, n] and n % 4 == 0 and n < 40, stops
+  assert stops == [n, n] and n % 4 == 0 and n < 16, stops
   assert ckpt_lib.make_manager(str(work), read_only=True).all_steps() == [n]
   assert max(read_losses(work)) == n
   config = td.make_config(overrides)
   loop.train(config, str(work), data_shards=2)
   loop.train(config, str(tmp_path / "straight"), data_shards=2)
   straight, resumed = read_losses(tmp_path / "straight"), read_losses(work)
-  assert sorted(resumed) == list(range(1, 41))
-  np.testing.assert_allclose([resumed[s] for s in range(n + 1, 41)],
-                             [straight[s] for s in range(n + 1, 41)], rtol=1e-5)
+  assert sorted(resumed) == list(range(1, 17))
+  np.testing.assert_allclose([resumed[s] for s in range(n + 1, 17)],
+                             [straight[s] for s in range(n + 1, 17)], rtol=1e-5)
 
 
 # ---- non-finite steps ----
@@ -190,14 +197,6 @@ def test_rollback_restores_the_checkpoint_and_skips_the_bad_batch(tmp_path, monk
 
 
 # ---- damaged checkpoints ----
-
-@pytest.fixture(scope="module")
-def saved_run(tmp_path_factory):
-  """A 6-step run with checkpoints at steps 3 and 6."""
-  work = tmp_path_factory.mktemp("saved") / "run"
-  loop.train(tiny_config(), str(work), devices=ONE)
-  return work
-
 
 def _copy(saved_run, tmp_path):
   work = tmp_path / "run"
