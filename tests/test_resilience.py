@@ -166,7 +166,8 @@ def test_skip_counts_and_stops_after_the_limit_in_a_row(tmp_path, monkeypatch):
 def test_error_policy_names_the_first_bad_step_before_saving(tmp_path, monkeypatch):
   _nan_grads_when(monkeypatch, lambda state, batch: state["step"] == 3)  # step 4
   c = tiny_config(**{"train.steps": 8, "train.log_every": 100, "train.ckpt_every": 6})
-  with pytest.raises(resilience.NonFiniteError, match=r"not finite at step 4 \(3 steps up to step 6\) \(train.on_nonfinite="):
+  with pytest.raises(resilience.NonFiniteError,
+                     match=r"not finite at step 4 \(3 steps up to step 6\) \(train.on_nonfinite="):
     loop.train(c, str(tmp_path), devices=ONE)  # found at step 6, before its save
   assert ckpt_lib.make_manager(str(tmp_path), read_only=True).all_steps() == []
   with pytest.raises(ConfigError, match="config.train.on_nonfinite: 'ignore' not in"):
