@@ -55,6 +55,9 @@ XLA_FLAG_BUNDLES = {
 VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
                       "ml_collections", "tensorstore")
 REQUIRED_PACKAGES = ("jax", "flax", "optax", "orbax-checkpoint", "grain")
+# Seconds between a scheduler's stop notice and its kill: tmdiff.train then finishes its step
+# and saves a checkpoint (SLURM: SIGUSR1 before the time limit; Kubernetes: SIGTERM's grace).
+PREEMPT_NOTICE_S = 120
 
 
 class LaunchError(SystemExit):
@@ -257,7 +260,10 @@ def slurm_script(args, overrides) -> str:
            "#SBATCH --ntasks-per-node=1",  # one JAX process per node drives all its GPUs
            f"#SBATCH --gpus-per-node={args.gpus_per_node}",
            f"#SBATCH --cpus-per-task={args.cpus_per_task}", f"#SBATCH --time={args.time}",
-           "#SBATCH --exclusive", f"#SBATCH --output={args.log_dir}/%x-%j.out"]
+           "#SBATCH --exclusive", f"#SBATCH --output={args.log_dir}/%x-%j.out",
+           # SIGUSR1 to every task before the time limit: save and exit 0 (srun forwards
+           # SIGTERM from scancel or preemption too).
+           f"#SBATCH --signal=USR1@{args.preempt_notice_s}"]
   lines += [f"#SBATCH --partition={args.partition}"] if args.partition else []
   lines += [f"#SBATCH --account={args.account}"] if args.account else []
   lines += ["", "set -euo pipefail", cd_line(args.remote_dir)]
@@ -289,7 +295,8 @@ def jobset_yaml(args, overrides) -> str:
   name, port = args.job_name, 12355
   env = dict(hardware_env("gpu", args.env), TMDIFF_NUM_PROCESSES=str(args.nodes),
              TMDIFF_COORDINATOR=f"{name}-workers-0-0.{name}:{port}")
-  command = shell_line({}, train_argv(args, overrides, "python"))
+  # exec: python, not bash, is the container's PID 1 and receives SIGTERM.
+  command = "exec " + shell_line({}, train_argv(args, overrides, "python"))
   env_lines = "".join(f"              - name: {k}\n                value: {_yaml_str(v)}\n"
                       for k, v in env.items())
   return f"""apiVersion: jobset.x-k8s.io/v1alpha2
@@ -313,6 +320,7 @@ spec:
         template:
           spec:
             restartPolicy: Never
+            terminationGracePeriodSeconds: {args.preempt_notice_s}
             containers:
             - name: train
               image: {args.image}
@@ -481,6 +489,8 @@ def parser():
       sp.add_argument("--nodes", type=int, required=True)
       sp.add_argument("--gpus_per_node", type=int, default=8)
       sp.add_argument("--job_name", default="tmdiff")
+      sp.add_argument("--preempt_notice_s", type=int, default=PREEMPT_NOTICE_S,
+                      help="seconds from the stop signal to the kill, to save a checkpoint")
     if name == "slurm":
       sp.add_argument("--partition")
       sp.add_argument("--account")

@@ -342,3 +342,17 @@ def test_full_preset_small_counts_disjoint_splits_and_varied_speech(tmp_path):
   assert all(lo <= m["pitch"] <= hi and rlo <= m["rate_wpm"] <= rhi for m in train + val)
   assert {m["voice"] for m in train} <= set(sources.MORE_VOICES)
   assert len({m["voice"] for m in train}) >= 6 and len({m["pitch"] for m in train}) >= 6
+
+
+def test_verify_names_a_damaged_shard_before_training(prepared, tmp_path):
+  from tmdiff.data import verify
+  out = _copy_prepared(prepared[0], tmp_path / "d")
+  n = sum(len(names) for splits in prepared[1].shards.values() for names in splits.values())
+  assert verify.main([str(out)]) == 0 and verify.verify(str(out)) == (n, [])
+  path = _first_shard(out, "text", "train")
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0xFF  # same size: the shard's record counts still match
+  path.write_bytes(bytes(data))
+  assert verify.verify(str(out)) == (n, [f"{path}: sha256 differs from the manifest (damaged "
+                                         "or replaced)"])
+  assert verify.main([str(out)]) == 1

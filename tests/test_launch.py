@@ -61,7 +61,8 @@ def test_slurm_script():
                   "--partition=h100", "--remote_dir=~/tmdiff", "--env=NCCL_DEBUG=WARN",
                   "--dry_run", *OVERRIDES).stdout
   for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-               "#SBATCH --partition=h100", "cd ~/tmdiff", "export NCCL_DEBUG=WARN"):
+               "#SBATCH --partition=h100", "cd ~/tmdiff", "export NCCL_DEBUG=WARN",
+               "#SBATCH --signal=USR1@120"):
     assert line in script.splitlines(), script
   assert "--xla_gpu_enable_latency_hiding_scheduler=true" in script
   srun, = [l for l in script.splitlines() if l.startswith("srun")]
@@ -123,6 +124,9 @@ def test_jobset_yaml():
   assert "--xla_gpu_enable_latency_hiding_scheduler=true" in env["XLA_FLAGS"]
   assert train_part(container["command"][2]) == ["python", "-m", "tmdiff.train", CONFIG,
                                                 "--workdir=/ckpt/run", *OVERRIDES]
+  # The scheduler's SIGTERM reaches python (exec'd as PID 1), with time to save.
+  assert container["command"][2].startswith("exec python ")
+  assert job["template"]["spec"]["terminationGracePeriodSeconds"] == 120
 
 
 def test_config_typos_and_missing_files_fail_before_launching():

@@ -107,6 +107,16 @@ def get_base_config() -> mlc.ConfigDict:
       ckpt_every=50,
       keep_checkpoints=3,
       async_checkpointing=True,
+      # A step whose loss or gradients are not finite: error (stop at the next log or checkpoint
+      # step) | skip (params and optimizer state keep their values) | rollback (restore the last
+      # checkpoint, skip rollback_skip batches past it, and at least up to the bad batch).
+      on_nonfinite="error",
+      nonfinite_limit=10,     # stop after this many skipped steps, or rollbacks, in a row
+      rollback_skip=10,
+      # A damaged newest checkpoint: fallback (restore the newest intact step) | error.
+      on_bad_checkpoint="fallback",
+      # Multi-process runs agree on a preemption stop every this many steps (a tiny all-gather).
+      preemption_check_every=10,
   ))
 
   c.mesh = mlc.ConfigDict(dict(

@@ -11,6 +11,8 @@ OPTIM_SCHEDULES = ("cosine", "wsd", "constant")
 REMAT = ("none", "block")
 LOSS_IMPLS = ("auto", "logits", "fused")
 DTYPES = ("float32", "bfloat16", "float16")
+ON_NONFINITE = ("error", "skip", "rollback")
+ON_BAD_CHECKPOINT = ("fallback", "error")
 
 
 def _require(ok: bool, key: str, message: str):
@@ -116,6 +118,15 @@ def validate(config, num_devices: int | None = None) -> None:
   _require(t.steps > 0 or t.tokens > 0, "train.steps", "set train.steps or train.tokens")
   for k in ("log_every", "ckpt_every", "keep_checkpoints"):
     _require(t[k] >= 1, f"train.{k}", f"must be >= 1, got {t[k]}")
+  _require(t.on_nonfinite in ON_NONFINITE, "train.on_nonfinite",
+           f"{t.on_nonfinite!r} not in {ON_NONFINITE}")
+  _require(t.on_bad_checkpoint in ON_BAD_CHECKPOINT, "train.on_bad_checkpoint",
+           f"{t.on_bad_checkpoint!r} not in {ON_BAD_CHECKPOINT}")
+  for k in ("nonfinite_limit", "preemption_check_every"):
+    _require(isinstance(t[k], int) and t[k] >= 1, f"train.{k}",
+             f"must be an integer >= 1, got {t[k]!r}")
+  _require(isinstance(t.rollback_skip, int) and t.rollback_skip >= 0, "train.rollback_skip",
+           f"must be an integer >= 0, got {t.rollback_skip!r}")
   _require(config.mesh.rules in sharding.RULES, "mesh.rules",
            f"{config.mesh.rules!r} not in {sorted(sharding.RULES)}")
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from tmdiff.data import records as records_lib
 from tmdiff.data import sources as sources_lib
+from tmdiff.data import verify as verify_lib
 from tmdiff.data import vocab as vocab_lib
 
 MODALITY_DIRS = ("text", "image", "audio")
@@ -450,6 +451,7 @@ def prepare(args, tokenizers: dict[str, Any] | None = None) -> records_lib.Manif
         break
   if not tokenizers:
     extra["tokenizer_quality"] = tokenizer_quality(toks, raw)
+  extra[verify_lib.DIGESTS] = verify_lib.shard_digests(out, shards)  # python -m tmdiff.data.verify
   manifest = records_lib.Manifest(
       schema_version=records_lib.SCHEMA_VERSION, vocab=vocab,
       tokenizers=tokenizer_paths,

@@ -11,16 +11,16 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tmdiff import entry
-
 from tmdiff.configs.derived import ConfigError
 from tmdiff.data.batch import BatchError
 from tmdiff.data.pipeline import DataConfigError
 from tmdiff.data.records import RecordError
-from tmdiff.train import distributed, loop
+from tmdiff.train import distributed, loop, resilience
 from tmdiff.train.checkpoint import CheckpointError
 
 USER_ERRORS = (ConfigError, BatchError, DataConfigError, RecordError, CheckpointError,
-               distributed.DistributedError, entry.ConfigFileError)
+               distributed.DistributedError, entry.ConfigFileError, resilience.NonFiniteError,
+               resilience.WorkdirError)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment file[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, reports)")

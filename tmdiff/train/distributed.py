@@ -181,6 +181,8 @@ def allgather_bytes(data: bytes) -> list[bytes]:
   from jax.experimental import multihost_utils
   lengths = multihost_utils.process_allgather(np.array([len(data)], np.int64))
   size = int(np.max(lengths))
+  if size == 0:
+    return [b""] * jax.process_count()
   padded = np.zeros(size, np.uint8)
   padded[:len(data)] = np.frombuffer(data, np.uint8)
   rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, size)

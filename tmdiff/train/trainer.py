@@ -171,28 +171,7 @@ class Trainer:
     total_tokens = obj_lib.loss_normaliser(corruption, "tokens")
     normaliser = obj_lib.loss_normaliser(corruption, c.diffusion.loss_norm)
 
-    def loss_fn(params, micro_batch, micro_corruption):
-      sums = self._elbo_sums(params, micro_batch, micro_corruption)
-      return sums["nll"].sum() / normaliser, sums
-
-    grad_fn = jax.grad(loss_fn, has_aux=True)
-    accum = c.optim.grad_accum
-    if accum == 1:
-      grads, sums = grad_fn(state["params"], batch, corruption)
-    else:
-      def split(x):  # microbatch a = rows a, a + accum, ...: every device keeps its share
-        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(
-            x, jax.sharding.NamedSharding(self.mesh, P(None, sharding_lib.BATCH_AXES)))
-      micro = jax.tree.map(split, (batch, corruption))
-
-      def body(carry, mb):
-        g, s = grad_fn(state["params"], *mb)
-        return jax.tree.map(jnp.add, carry, (g, s)), None
-      zeros = jax.tree.map(jnp.zeros_like, (state["params"], jax.eval_shape(
-          lambda: self._elbo_sums(state["params"], *jax.tree.map(lambda x: x[0], micro)))))
-      (grads, sums), _ = jax.lax.scan(body, zeros, micro)
-
+    grads, sums = self._grads(state, batch, corruption, normaliser)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"step": step + 1, "params": params, "opt_state": opt_state}
@@ -201,11 +180,47 @@ class Trainer:
       new_state["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
     metrics = obj_lib.summarize(sums)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["param_norm"] = optax.tree.norm(params)
+    # On device, every step: the loop reads it at its log and checkpoint steps.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    if c.train.on_nonfinite != "error":
+      # A non-finite step leaves params, optimizer state and EMA as they were; its step counts.
+      keep = lambda new, old: jnp.where(finite, new, old)
+      new_state = {k: v if k == "step" else jax.tree.map(keep, v, state[k])
+                   for k, v in new_state.items()}
+      metrics = jax.tree.map(lambda m: jnp.where(finite, m, 0.0), metrics)
+    metrics["param_norm"] = optax.tree.norm(new_state["params"])
     metrics["lr"] = self.hp.lr * self.lr_multiplier(step)
     metrics["masked_fraction"] = sums["masked"].sum() / total_tokens
     metrics["real_token_fraction"] = jnp.mean((batch["segment_ids"] > 0).astype(jnp.float32))
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
     return new_state, metrics
+
+  def _grads(self, state, batch, corruption, normaliser):
+    """-> (gradients of the normalised loss, ELBO sums), over optim.grad_accum microbatches."""
+    c = self.config
+
+    def loss_fn(params, micro_batch, micro_corruption):
+      sums = self._elbo_sums(params, micro_batch, micro_corruption)
+      return sums["nll"].sum() / normaliser, sums
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    accum = c.optim.grad_accum
+    if accum == 1:
+      return grad_fn(state["params"], batch, corruption)
+
+    def split(x):  # microbatch a = rows a, a + accum, ...: every device keeps its share
+      x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+      return jax.lax.with_sharding_constraint(
+          x, jax.sharding.NamedSharding(self.mesh, P(None, sharding_lib.BATCH_AXES)))
+    micro = jax.tree.map(split, (batch, corruption))
+
+    def body(carry, mb):
+      g, s = grad_fn(state["params"], *mb)
+      return jax.tree.map(jnp.add, carry, (g, s)), None
+    zeros = jax.tree.map(jnp.zeros_like, (state["params"], jax.eval_shape(
+        lambda: self._elbo_sums(state["params"], *jax.tree.map(lambda x: x[0], micro)))))
+    (grads, sums), _ = jax.lax.scan(body, zeros, micro)
+    return grads, sums
 
   def _eval_row_sums(self, params, batch, row_ids, time_uniforms):
     """Per-row sums {nll, tokens, masked} [B, 3]; row i's masks from its global index, its
