@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from tmdiff.data import vocab as vocab_lib
+from tmdiff.data.verify import sha256
 from tmdiff.train import distributed as dist_lib
 
 STATE, DATA, CONFIG, VOCAB = "state", "data", "config", "vocab"
@@ -211,14 +211,6 @@ def _step_files(step_dir: str) -> list[str]:
   return sorted(out)
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def write_digests(step_dir: str) -> None:
   """This process's share of the step's file digests (once; local file systems only)."""
   if "://" in step_dir:
@@ -227,7 +219,7 @@ def write_digests(step_dir: str) -> None:
   if os.path.exists(out):
     return
   files = _step_files(step_dir)[jax.process_index()::jax.process_count()]
-  digests = {f: [os.path.getsize(os.path.join(step_dir, f)), _sha256(os.path.join(step_dir, f))]
+  digests = {f: [os.path.getsize(os.path.join(step_dir, f)), sha256(os.path.join(step_dir, f))]
              for f in files}
   with open(out + ".tmp", "w") as f:
     json.dump(digests, f)
@@ -273,7 +265,7 @@ def check_step(step_dir: str) -> str | None:
       problem = f"{rel}: missing"
     elif os.path.getsize(path) != size:
       problem = f"{rel}: {os.path.getsize(path)} bytes, {size} when saved (truncated?)"
-    elif _sha256(path) != digest:
+    elif sha256(path) != digest:
       problem = f"{rel}: sha256 differs from the one recorded when it was saved"
   return _agree(problem)
 
