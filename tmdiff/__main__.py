@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     print(f"tmdiff: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
     sys.exit(2)
   module = COMMANDS[argv[0]][0]
-  sys.argv = [f"tmdiff {argv[0]}", *argv[1:]]
+  sys.argv[1:] = argv[1:]  # runpy sets sys.argv[0] to the module's file
   if "" not in sys.path and os.getcwd() not in sys.path:  # as `python -m`: experiments/ imports
     sys.path.insert(0, os.getcwd())
   runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -232,20 +232,13 @@ def check_step(step_dir: str) -> str | None:
   Every JSON file must parse; a file with a digest must have its size and sha256. Process i
   checks every n-th digested file; the answer is agreed by all processes (a collective).
   """
-  problem = None
-  for part in sorted(glob.glob(os.path.join(step_dir, DIGESTS.format("*")))):
-    try:
-      with open(part) as f:
-        json.load(f)
-    except ValueError as e:
-      problem = f"{os.path.basename(part)}: unreadable ({e})"
-  digests = {}
+  problem, digests = None, {}
   for part in sorted(glob.glob(os.path.join(step_dir, DIGESTS.format("*")))):
     try:
       with open(part) as f:
         digests.update(json.load(f))
-    except ValueError:
-      pass
+    except ValueError as e:
+      problem = f"{os.path.basename(part)}: unreadable ({e})"
   files = _step_files(step_dir)
   for rel in files:
     if problem is None and any(fnmatch.fnmatch(os.path.basename(rel), p)
