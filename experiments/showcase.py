@@ -62,7 +62,7 @@ def get_config(arg: str = ""):
   c.data.global_batch = 128
   c.data.worker_count = 8
   c.data.eval_batches = 4
-  c.data.mixture.update(text=1.0, image_text=1.0, audio_text=2.0)
+  c.data.mixture.update(text=0.7, image_text=1.4, audio_text=1.9)
   c.train.steps = int(a.get("steps", 14000))
   c.train.log_every = 100
   c.train.eval_every = 2500

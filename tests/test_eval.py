@@ -345,6 +345,21 @@ def test_sweep_writes_defaults_that_eval_and_sample_apply(prepared_run, tmp_path
     os.remove(path)
 
 
+def test_pair_task_prompts_start_at_first(prepared_run):
+  """The sweep scores validation prompts from an offset, so it can skip the eval's prompts."""
+  from tmdiff.eval import generation, judges
+  data, workdir = prepared_run
+  run = generation.restore(workdir, devices=jax.devices()[:1])
+  judge = judges.load_or_train("image", data, **JUDGE_SETTINGS["image"])
+  settings = generation.settings_for(run, "image").replace(steps=2)
+  stored = [m["caption"] for _, m in judges.read_records(data, "image_text", "validation", 3)]
+  assert len(set(stored)) == 3
+  out = generation.t2i_task(run, judge, num=2, settings=settings, seed=0, batch_size=2, first=1)
+  assert out["captions"] == stored[1:3] and len(out["images"]) == 2
+  with pytest.raises(generation.EvalError, match="from index 100000"):
+    generation.t2i_task(run, judge, num=2, settings=settings, seed=0, batch_size=2, first=100000)
+
+
 def test_eval_errors_name_the_problem(tmp_path, prepared_run):
   from tmdiff.eval.__main__ import run_eval
   from tmdiff.eval.generation import EvalError

@@ -198,22 +198,25 @@ def text_task(run: Restored, judge, *, num: int, settings, seed: int, batch_size
       "texts": texts}
 
 
-def _validation_records(run: Restored, source: str, num: int) -> list:
-  """The first `num` validation records of a pair source; an error if there are none."""
+def _validation_records(run: Restored, source: str, num: int, first: int = 0) -> list:
+  """Validation records first .. first + num - 1 of a pair source (fewer if the split ends);
+  an error if there are none."""
   from tmdiff.eval import judges as judges_lib
-  records = judges_lib.read_records(run.data_dir, source, "validation", num)
+  records = judges_lib.read_records(run.data_dir, source, "validation", first + num)[first:]
   if not records:
-    raise EvalError(f"{run.data_dir}: no {source} validation records")
+    raise EvalError(f"{run.data_dir}: no {source} validation records"
+                    + (f" from index {first} on" if first else ""))
   return records
 
 
-def t2i_task(run: Restored, judge, *, num: int, settings, seed: int, batch_size: int) -> dict:
+def t2i_task(run: Restored, judge, *, num: int, settings, seed: int, batch_size: int,
+             first: int = 0) -> dict:
   """Captions of held-out images -> images; the judge checks shape, colour, position, count."""
   from tmdiff import sample as sample_lib
   from tmdiff.eval import image_judge
   _need(run, "text", "image")
   layout, toks = run.layout, run.tokenizers
-  records = _validation_records(run, "image_text", num)
+  records = _validation_records(run, "image_text", num, first)
   captions = [meta["caption"] for _, meta in records]
   objects = [meta.get("attributes", {}).get("objects") or image_judge.parse_caption(c)
              for (_, meta), c in zip(records, captions)]
@@ -231,13 +234,14 @@ def t2i_task(run: Restored, judge, *, num: int, settings, seed: int, batch_size:
           "images": images, "captions": captions, "match": per_image}
 
 
-def t2s_task(run: Restored, judge, *, num: int, settings, seed: int, batch_size: int) -> dict:
+def t2s_task(run: Restored, judge, *, num: int, settings, seed: int, batch_size: int,
+             first: int = 0) -> dict:
   """Transcripts of held-out utterances -> audio; the recogniser's WER against the prompt."""
   from tmdiff import sample as sample_lib
   from tmdiff.eval import speech_judge
   _need(run, "text", "audio")
   layout, toks = run.layout, run.tokenizers
-  records = _validation_records(run, "audio_text", num)
+  records = _validation_records(run, "audio_text", num, first)
   transcripts = [meta["transcript"] for _, meta in records]
   prompts = [sample_lib.build_prompt("t2s", t, layout, toks["text"], length=0, image_tokens=0,
                                      audio_tokens=int(a["audio"].size))

@@ -1,6 +1,7 @@
 """Sweep sampler settings for one modality on a checkpoint; keep the best as the run's default.
 
   python -m tmdiff.eval.sweep --workdir=runs/tiny --modality=image [--num_samples=16] [--quick]
+      [--first_prompt=256]
       [--grid='[{"cfg_scale": 3.0}, {"steps": 32, "method": "maskgit", "schedule": "cosine"}]']
 
 Each candidate is a set of overrides of config.sampling.<modality> (as updated by an existing
@@ -13,7 +14,9 @@ Each candidate is a set of overrides of config.sampling.<modality> (as updated b
   audio  T2S word error rate (lower is better)
 Writes <out>/sweep_<modality>.md and .json (default out: <workdir>/eval), and the winner's
 overrides into <workdir>/sampling_defaults.json under the modality's key (other modalities kept),
-which `python -m tmdiff.eval` and `python -m tmdiff.sample` apply.
+which `python -m tmdiff.eval` and `python -m tmdiff.sample` apply. T2I and T2S prompts are
+validation records --first_prompt onwards: start past the eval's (its first --num_samples) so that
+the settings are not chosen on the prompts they are then scored on.
 """
 from __future__ import annotations
 
@@ -58,7 +61,8 @@ def score_of(modality: str, metrics: dict, entropy_floor: float) -> tuple[float,
 def sweep(workdir: str, modality: str, *, grid: list[dict] | None = None, quick: bool = False,
           num_samples: int = 16, batch_size: int = 16, seed: int = 0, step: int | None = None,
           data_dir: str | None = None, out: str | None = None, entropy_floor: float = 0.9,
-          write_defaults: bool = True, judge_settings: dict | None = None, devices=None) -> dict:
+          write_defaults: bool = True, judge_settings: dict | None = None, devices=None,
+          first_prompt: int = 0) -> dict:
   """Scores every candidate; writes the table, the JSON and the winner's defaults."""
   from tmdiff import sample as sample_lib
   from tmdiff.eval import generation, judges
@@ -76,12 +80,13 @@ def sweep(workdir: str, modality: str, *, grid: list[dict] | None = None, quick:
   base = generation.settings_for(run, modality)
   judge = judges.load_or_train(TASK_JUDGE[task], run.data_dir,
                                **(judge_settings or {}).get(TASK_JUDGE[task], {}))
+  prompts = {} if task == "text" else {"first": first_prompt}
   results = []
   for i, overrides in enumerate(grid):
     settings = base.replace(**overrides)  # validates each candidate
     started = time.time()
     result = getattr(generation, f"{task}_task")(run, judge, num=num_samples, settings=settings,
-                                                 seed=seed, batch_size=batch_size)
+                                                 seed=seed, batch_size=batch_size, **prompts)
     score, rejected = score_of(modality, result["metrics"], entropy_floor)
     results.append({"overrides": overrides, "settings": dataclasses.asdict(settings),
                     "metrics": result["metrics"], "score": score, "rejected": rejected,
@@ -91,7 +96,7 @@ def sweep(workdir: str, modality: str, *, grid: list[dict] | None = None, quick:
   ranked = sorted(range(len(results)), key=lambda k: -results[k]["score"])
   best = results[ranked[0]]
   report = {"workdir": os.path.abspath(workdir), "step": run.step, "modality": modality,
-            "num_samples": num_samples, "seed": seed, "base": dataclasses.asdict(base),
+            "num_samples": num_samples, "first_prompt": first_prompt, "seed": seed, "base": dataclasses.asdict(base),
             "results": results, "best": best["overrides"], "best_settings": best["settings"]}
   out = out or os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
@@ -123,7 +128,9 @@ _COLUMNS = {"text": ("judge_perplexity", "unigram_entropy_bits"),
 def format_table(report: dict) -> str:
   cols = _COLUMNS[report["modality"]]
   lines = [f"# sampler sweep, {report['modality']}, {report['workdir']} step {report['step']} "
-           f"({report['num_samples']} samples each)", "",
+           f"({report['num_samples']} samples each"
+           + (f", validation prompts from {report['first_prompt']}" if report.get("first_prompt")
+              else "") + ")", "",
            "| overrides | " + " | ".join(cols) + " | score | note |",
            "|---|" + "---|" * (len(cols) + 2)]
   best = json.dumps(report["best"])
@@ -145,6 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--num_samples", type=int, default=16)
   p.add_argument("--batch_size", type=int, default=16)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--first_prompt", type=int, default=0,
+                 help="T2I/T2S: index of the first validation prompt (e.g. past the eval's)")
   p.add_argument("--step", type=int, default=None)
   p.add_argument("--data_dir", default=None)
   p.add_argument("--out", default=None, help="folder for the table (default: <workdir>/eval)")
@@ -170,7 +179,8 @@ def main(argv=None) -> None:
     report = sweep(args.workdir, args.modality, grid=grid, quick=args.quick,
                    num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
                    step=args.step, data_dir=args.data_dir, out=args.out,
-                   entropy_floor=args.entropy_floor, write_defaults=not args.no_write_defaults)
+                   entropy_floor=args.entropy_floor, write_defaults=not args.no_write_defaults,
+                   first_prompt=args.first_prompt)
   except json.JSONDecodeError as e:
     sys.exit(f"tmdiff.eval.sweep: --grid is not valid JSON: {e}")
   except (EvalError, JudgeError, SampleError, SamplerError, CheckpointError, TypeError) as e:
