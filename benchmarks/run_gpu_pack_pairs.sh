@@ -14,7 +14,8 @@ for pack in False True; do
   work=/tmp/pack_pairs_m_$pack; rm -rf $work
   echo "== pack_pairs=$pack, $STEPS steps" | tee -a $OUT/pack_pairs.log
   $PY -m tmdiff.train --config=experiments/ladder.py:size=m,hw=h200x1,data=$DATA \
-    --config.data.pack_pairs=$pack --config.data.worker_count=4 --config.train.steps=$STEPS \
+    --config.data.pack_pairs=$pack --config.data.worker_count=4 --config.train.tokens=0 --config.sde.enabled=False \
+    --config.train.steps=$STEPS \
     --config.train.log_every=50 --config.train.eval_every=0 --config.train.ckpt_every=100000 \
     --workdir=$work > $OUT/pack_pairs_$pack.log 2>&1
   echo "exit $?" | tee -a $OUT/pack_pairs.log
