@@ -79,7 +79,8 @@ def main():
   add_model_args(p)
   p.add_argument("--docs_per_row", type=int, default=1)
   p.add_argument("--attention", default="auto")
-  p.add_argument("--remat", default="none")
+  p.add_argument("--remat", default="none", help="none | block | dots")
+  p.add_argument("--scan_layers", action="store_true", help="blocks under lax.scan")
   p.add_argument("--fsdp", type=int, default=1)
   p.add_argument("--profile", default="", help="trace --profile_steps steps into this dir "
                  "and print the top device kernels (benchmarks/profile_summary.py)")
@@ -88,7 +89,7 @@ def main():
 
   c = model_config(args)
   m = c.model
-  m.attention_impl, m.remat = args.attention, args.remat
+  m.attention_impl, m.remat, m.scan_layers = args.attention, args.remat, args.scan_layers
   c.mesh.fsdp, c.mesh.data = args.fsdp, -1
   c.train.steps = 1000
   validate_lib.validate(c, jax.device_count())
@@ -123,6 +124,9 @@ def main():
     print(f"MFU {achieved / sheet:.1%} of datasheet {sheet / 1e12:.0f} TFLOP/s")
   if measured:
     print(f"MFU {achieved / measured:.1%} of measured matmul {measured / 1e12:.0f} TFLOP/s")
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    print(f"peak device memory {stats['peak_bytes_in_use'] / 2**30:.1f} GiB")
   if args.profile:
     from benchmarks import profile_summary
     with jax.profiler.trace(args.profile, create_perfetto_trace=True):

@@ -29,7 +29,8 @@ def get_base_config() -> mlc.ConfigDict:
       param_dtype="float32",
       attention_impl="auto",  # tmdiff.kernels.attention backends
       loss_impl="auto",       # logits | fused (tmdiff.kernels.cross_entropy); auto: fused off CPU
-      remat="none",           # none | block
+      remat="none",           # none | block | dots (tmdiff.model.transformer.REMAT_POLICIES)
+      scan_layers=False,      # blocks stacked on a "layers" axis under lax.scan (flat compile time)
       # CompleteP: shapes the hyperparameters were tuned at.
       base_width=128,
       base_depth=2,

@@ -19,6 +19,7 @@ _ACTIVATIONS = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    ("layers", None),      # the stacked-blocks axis of model.scan_layers
 )
 
 RULES = {

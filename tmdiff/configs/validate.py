@@ -6,9 +6,9 @@ from tmdiff.configs import derived
 from tmdiff.configs.derived import ConfigError, derive
 from tmdiff.diffusion import objective, schedules
 from tmdiff.kernels import attention
+from tmdiff.model.transformer import REMAT
 
 OPTIM_SCHEDULES = ("cosine", "wsd", "constant")
-REMAT = ("none", "block")
 LOSS_IMPLS = ("auto", "logits", "fused")
 DTYPES = ("float32", "bfloat16", "float16")
 ON_NONFINITE = ("error", "skip", "rollback")
@@ -64,6 +64,8 @@ def validate(config, num_devices: int | None = None) -> None:
   _require(m.attention_impl in attention.IMPLS, "model.attention_impl",
            f"{m.attention_impl!r} not in {attention.IMPLS}")
   _require(m.remat in REMAT, "model.remat", f"{m.remat!r} not in {REMAT}")
+  _require(isinstance(m.scan_layers, bool), "model.scan_layers",
+           f"must be true or false, got {m.scan_layers!r}")
   _require(m.loss_impl in LOSS_IMPLS, "model.loss_impl", f"{m.loss_impl!r} not in {LOSS_IMPLS}")
   _require(m.init_std > 0, "model.init_std", "must be > 0")
 

@@ -4,6 +4,11 @@ Pre-norm RMSNorm, QK-norm, RoPE, SwiGLU, CompleteP scaling, bf16 compute with fp
 Every parameter carries `logical_axes` (mapped to mesh axes by tmdiff.configs.sharding) and
 `param_class` (CompleteP's init / learning-rate class); every large activation is constrained
 by logical axis names.
+
+With `model.scan_layers` the blocks' parameters are stacked on a leading "layers" axis and the
+blocks run under `jax.lax.scan`, so compile time does not grow with depth. The parameter trees of
+the two layouts differ only under "blocks": {0: block, 1: block, ...} unrolled, one block of
+[n_layers, ...] arrays scanned; `stack_layers` / `unstack_layers` convert any tree holding them.
 """
 from __future__ import annotations
 
@@ -17,6 +22,16 @@ from tmdiff.kernels import attention as attention_lib
 from tmdiff.model import completep as cp_lib
 
 NUM_MODALITIES = len(vocab_lib.MODALITIES)
+# model.remat: what the backward pass keeps of each block's forward. none: everything; block:
+# only the block's input (the whole block is recomputed); dots: the outputs of the weight
+# matmuls (attention and the elementwise work are recomputed).
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT = tuple(REMAT_POLICIES)
+LAYER_AXIS = "layers"
 
 
 def _param(rngs, shape, std, axes, param_class, dtype):
@@ -135,7 +150,11 @@ class Transformer(nnx.Module):
     self.modality_embed = _param(rngs, (NUM_MODALITIES, cfg.d_model),
                                  cp.init_std_for(cp_lib.EMBEDDING), (None, "embed"),
                                  cp_lib.EMBEDDING, pd)
-    self.blocks = nnx.List([Block(cfg, cp, rngs=rngs) for _ in range(cfg.n_layers)])
+    self.scan_layers = bool(cfg.scan_layers)
+    if self.scan_layers:
+      self.blocks = _stacked_blocks(cfg, cp, rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, cp, rngs=rngs) for _ in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, "embed", eps=cfg.norm_eps, param_dtype=pd)
     self.unembed = _param(rngs, (cfg.d_model, vocab), cp.init_std_for(cp_lib.UNEMBEDDING),
                           ("embed", "vocab"), cp_lib.UNEMBEDDING, pd)
@@ -150,9 +169,19 @@ class Transformer(nnx.Module):
     """The residual stream after the last block, before the final norm."""
     x = self.embed[...][tokens] + self.modality_embed[...][modality]
     x = _constrain(x.astype(self.dtype), ("batch", "length", "embed"))
+    policy = REMAT_POLICIES[self.remat]
+    if self.scan_layers:
+      graphdef, layers = nnx.split(self.blocks)
+
+      def body(y, layer):
+        return nnx.merge(graphdef, layer)(y, positions, segment_ids), None
+      if policy is not None:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+      x, _ = jax.lax.scan(body, x, layers)
+      return x
     for block in self.blocks:
-      if self.remat == "block":
-        x = nnx.remat(lambda blk, y: blk(y, positions, segment_ids))(block, x)
+      if policy is not None:
+        x = nnx.remat(lambda blk, y: blk(y, positions, segment_ids), policy=policy)(block, x)
       else:
         x = block(x, positions, segment_ids)
     return x
@@ -165,3 +194,78 @@ class Transformer(nnx.Module):
     """hidden [..., d_model] -> float32 logits [..., V_padded]."""
     w = self.unembedding().astype(self.dtype)
     return jnp.dot(hidden.astype(self.dtype), w, preferred_element_type=jnp.float32)
+
+
+def _stacked_blocks(cfg, cp, rngs) -> Block:
+  """One Block whose parameters carry a leading [n_layers] axis, each layer its own init key."""
+  @nnx.split_rngs(splits=cfg.n_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(layer_rngs):
+    return Block(cfg, cp, rngs=layer_rngs)
+  blocks = make(rngs)
+  for _, node in nnx.iter_graph(blocks):
+    if isinstance(node, nnx.Variable):
+      axes = tuple(node.get_metadata()["logical_axes"])
+      node.set_metadata(logical_axes=(LAYER_AXIS,) + axes)
+  return blocks
+
+
+def _is_unrolled(blocks) -> bool:
+  return bool(blocks) and all(str(k).isdigit() for k in blocks)
+
+
+def _map_blocks(tree, fn):
+  """Applies fn to the value under every "blocks" key of the dicts in `tree`."""
+  holds_blocks = lambda x: isinstance(x, dict) and "blocks" in x
+  return jax.tree.map(lambda d: {**d, "blocks": fn(d["blocks"])} if holds_blocks(d) else d,
+                      tree, is_leaf=holds_blocks)
+
+
+def layer_layout(tree) -> str | None:
+  """'scanned', 'unrolled', or None (no "blocks" in the tree) for a params-holding tree."""
+  found = []
+  holds_blocks = lambda x: isinstance(x, dict) and "blocks" in x
+  for d in jax.tree.leaves(tree, is_leaf=holds_blocks):
+    if holds_blocks(d):
+      found.append("unrolled" if _is_unrolled(d["blocks"]) else "scanned")
+  return found[0] if found else None
+
+
+def stack_layers(tree, stack=None):
+  """Unrolled -> scanned: {0: block, ..., n-1: block} becomes one block of stacked leaves.
+
+  `stack` combines the per-layer leaves (default jnp.stack), e.g. to stack abstract shapes.
+  """
+  stack = stack or (lambda xs: jnp.stack(xs))
+
+  def fn(blocks):
+    if not _is_unrolled(blocks):
+      return blocks
+    layers = [blocks[k] for k in sorted(blocks, key=int)]
+    return jax.tree.map(lambda *xs: stack(xs), *layers)
+  return _map_blocks(tree, fn)
+
+
+def unstack_layers(tree, unstack=None, key=int):
+  """Scanned -> unrolled: one block of [n_layers, ...] leaves becomes {0: block, ...}.
+
+  `unstack(leaf)` returns the list of per-layer leaves (default: slices of the leading axis);
+  `key(i)` names layer i (int, as nnx.to_pure_dict writes them; str, as Orbax reads them).
+  Blocks without leaves (optax's masked slots) are repeated per layer.
+  """
+  unstack = unstack or (lambda x: list(x))
+  holds_blocks = lambda x: isinstance(x, dict) and "blocks" in x
+  sizes = {len(unstack(leaf)) for d in jax.tree.leaves(tree, is_leaf=holds_blocks)
+           if holds_blocks(d) and not _is_unrolled(d["blocks"])
+           for leaf in jax.tree.leaves(d["blocks"])[:1]}
+  if len(sizes) > 1:
+    raise ValueError(f"stacked blocks disagree on the number of layers: {sorted(sizes)}")
+
+  def fn(blocks):
+    if _is_unrolled(blocks) or not sizes:
+      return blocks
+    leaves, treedef = jax.tree.flatten(blocks)
+    per_leaf = [unstack(x) for x in leaves]
+    return {key(i): jax.tree.unflatten(treedef, [p[i] for p in per_leaf])
+            for i in range(next(iter(sizes)))}
+  return _map_blocks(tree, fn)

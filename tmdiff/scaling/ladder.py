@@ -105,6 +105,7 @@ def apply_size(config, size: Size):
   m.n_kv_heads, m.head_dim, m.d_ff = size.n_kv_heads, size.head_dim, size.d_ff
   m.base_width, m.base_depth = BASE_WIDTH, BASE_DEPTH
   m.remat = size.remat
+  m.scan_layers = True
   return config
 
 

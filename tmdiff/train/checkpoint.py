@@ -22,9 +22,11 @@ import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from tmdiff.data import vocab as vocab_lib
 from tmdiff.data.verify import sha256
+from tmdiff.model import transformer
 from tmdiff.train import distributed as dist_lib
 
 STATE, DATA, CONFIG, VOCAB = "state", "data", "config", "vocab"
@@ -32,7 +34,8 @@ DIGESTS = "sha256.process_{}.json"
 DAMAGED = "damaged_checkpoints"
 JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata", "process_*")
 # Keys that may change on resume: compute choices, not the state's shapes.
-RESUME_FREE_KEYS = ("model.dtype", "model.attention_impl", "model.loss_impl", "model.remat")
+RESUME_FREE_KEYS = ("model.dtype", "model.attention_impl", "model.loss_impl", "model.remat",
+                    "model.scan_layers")
 
 
 class CheckpointError(RuntimeError):
@@ -136,13 +139,49 @@ def restore(manager: ocp.CheckpointManager, workdir: str, abstract_state, *, ste
 
 
 def _restore_step(manager, step, item_dir, abstract_state, with_data):
-  args = {STATE: ocp.args.StandardRestore(abstract_state)}
+  saved_target, convert = _in_saved_layout(os.path.join(item_dir, STATE), abstract_state)
+  args = {STATE: ocp.args.StandardRestore(saved_target)}
   has_data = os.path.isdir(os.path.join(item_dir, DATA))
   if with_data and has_data:
     args[DATA] = ocp.args.JsonRestore()
   restored = manager.restore(step, args=ocp.args.Composite(**args))
   data_state = restored[DATA] if (with_data and has_data) else None
-  return step, restored[STATE], data_state
+  return step, convert(restored[STATE]), data_state
+
+
+def _saved_layout(state_dir: str) -> str | None:
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    meta = checkpointer.metadata(state_dir).item_metadata
+  return transformer.layer_layout(getattr(meta, "tree", meta))
+
+
+def _in_saved_layout(state_dir: str, target):
+  """-> (`target` in the saved step's layer layout, a function taking a restore of it to the
+  target's layout and shardings)."""
+  saved, wanted = _saved_layout(state_dir), transformer.layer_layout(target)
+  if saved is None or wanted is None or saved == wanted:
+    return target, lambda tree: tree
+
+  def moved(leaf, shape, spec):
+    return jax.ShapeDtypeStruct(shape, leaf.dtype,
+                                sharding=NamedSharding(leaf.sharding.mesh, PartitionSpec(*spec)))
+
+  def one_layer(leaf):
+    n, spec = leaf.shape[0], tuple(leaf.sharding.spec)[1:]
+    return [moved(leaf, leaf.shape[1:], spec)] * n
+
+  def stacked(leaves):
+    return moved(leaves[0], (len(leaves),) + leaves[0].shape,
+                 (None,) + tuple(leaves[0].sharding.spec))
+  if wanted == "scanned":
+    saved_target = transformer.unstack_layers(target, unstack=one_layer)
+    change = transformer.stack_layers
+  else:
+    saved_target = transformer.stack_layers(target, stack=stacked)
+    change = transformer.unstack_layers
+  shardings = jax.tree.map(lambda leaf: leaf.sharding, target)
+  logging.info("converting the %s layers of %s to %s", saved, state_dir, wanted)
+  return saved_target, jax.jit(change, out_shardings=shardings)
 
 
 def _check_config(manager, workdir, step, config) -> None:
@@ -171,7 +210,7 @@ def restore_params(workdir: str, abstract_params, *, step=None):
                           f"{problem}")
   _check_vocab(manager, workdir, step)
   item_dir = os.path.join(directory, str(step), STATE)
-  target = {"params": abstract_params}
+  target, convert = _in_saved_layout(item_dir, {"params": abstract_params})
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   try:
     with ocp.PyTreeCheckpointer() as checkpointer:
@@ -179,7 +218,7 @@ def restore_params(workdir: str, abstract_params, *, step=None):
           item=target, restore_args=restore_args, partial_restore=True))
   except Exception as e:  # orbax raises many types; name the checkpoint
     raise CheckpointError(f"cannot restore parameters from {item_dir}: {e}") from e
-  return step, restored["params"]
+  return step, convert(restored)["params"]
 
 
 def read_config(workdir: str, step=None) -> dict:
