@@ -376,3 +376,58 @@ def test_grid_grows_reparameterised_replicates_first(tmp_path):
   assert b["first_above"] == 16 and b["below"] == [1, 2, 4, 8]
   assert b["incomplete"] == ["b16_d524288_sde_k1"]
   assert b["naive_paired"]["pooled"]["mean"] == pytest.approx(math.log(1.02))
+
+
+def test_study_settings_give_the_flags_and_the_run_argument():
+  """The command line's flags come from Study's fields; a run's experiment argument parses back
+  to its run and the study's run-key settings, in any key order."""
+  import argparse
+  parser = argparse.ArgumentParser()
+  plan.add_study_flags(parser)
+  assert plan.study_from_flags(parser.parse_args([]), data="synthetic") == plan.Study()
+  args = parser.parse_args(["--batches=2,4", "--kappas=0.5,2", "--horizons=", "--tol=0.02",
+                            "--noise=step", "--width=128"])
+  study = plan.study_from_flags(args, data="/d")
+  assert (study.batches, study.kappas, study.horizons, study.tol, study.noise, study.width) == \
+      ((2, 4), (0.5, 2.0), (), 0.02, "step", 128)
+  with pytest.raises(SystemExit):
+    parser.parse_args(["--loss_norm=other"])
+  run = study.run(8, sde=True, kappa_mult=0.5, seed=2, clip=1.0, mask_seed=3)
+  arg = study.arg(run)
+  parsed, parsed_run, gamma = plan.from_arg(plan.arg_values(arg))
+  assert parsed_run == run and gamma == plan.PAPER_GAMMA
+  assert (parsed.data, parsed.width, parsed.noise, parsed.base_tokens) == ("/d", 128, "step",
+                                                                           study.base_tokens)
+  reordered = ",".join(reversed(arg.split(",")))
+  assert plan.arg_values(reordered) == plan.arg_values(arg)
+  quick, quick_run, _ = plan.from_arg({"quick": "1"})
+  assert (quick_run.batch, quick_run.tokens, quick.seq_len, quick.eval_rows) == (4, 1024, 32, 32)
+
+
+def test_run_config_matches_the_experiment_file():
+  """The runner's config (plan.run_config) is the experiment file's, and it says what it trains:
+  the run's batch and horizon, the study's model and base point, the base AdamW values
+  reparameterised by kappa_mult."""
+  from tmdiff.configs.base import get_base_config
+  from tmdiff.configs.derived import reparameterise
+  run = plan.Run(batch=8, tokens=D_BASE, sde=True, kappa_mult=2.0, mask_seed=3)
+  study = plan.Study(base_batch=16, base_tokens=D_BASE, width=128, min_lr=0.0)
+  c = plan.run_config(study, run)
+  assert c.to_dict() == experiment.get_config(study.arg(run)).to_dict()
+  base = get_base_config().optim
+  assert plan.base_adamw() == (base.lr, base.beta1, base.beta2, base.eps)
+  lr, beta1, beta2, eps = reparameterise(*plan.base_adamw(), 2.0)
+  assert (c.optim.lr, c.optim.beta1, c.optim.beta2, c.optim.eps) == (lr, beta1, beta2, eps)
+  assert (c.optim.clip_norm, c.optim.min_lr_ratio) == (0.0, 0.0)
+  assert (c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads,
+          c.model.d_ff) == (128, 2, 4, 2, 384)
+  assert (c.data.global_batch, c.data.seq_len, c.data.eval_batches) == (8, 128, 1024 // 8)
+  assert (c.sde.enabled, c.sde.batch_base, c.sde.tokens_base, c.sde.gamma) == \
+      (True, 16, float(D_BASE), plan.PAPER_GAMMA)
+  assert (c.seeds.masks, c.train.eval_every) == (3, 0)
+  hp = derive(c)
+  assert hp.steps == D_BASE // (8 * 128) == c.train.steps
+  with pytest.raises(ValueError, match="multiple of 64"):
+    plan.run_config(plan.Study(width=96), run)
+  with pytest.raises(ValueError, match="bad argument .bogus=1."):
+    experiment.get_config("batch=4,bogus=1")

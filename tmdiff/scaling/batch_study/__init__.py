@@ -1,12 +1,15 @@
-"""The batch-size study, at small scale: is the final loss flat across physical
-batches with the SDE reparameterisation, where is the critical batch, and what is gamma?
+"""The batch-size study at small scale: loss flatness across batches, B_crit and gamma.
+
+Is the final loss flat across physical batches with the SDE reparameterisation, where is the
+critical batch, and what is gamma?
 
   python -m tmdiff.scaling.batch_study --out=runs/batch_study --data_dir=runs/data --docs=docs
   python -m tmdiff.scaling.batch_study --out=/tmp/bs --quick    # 3 micro runs (smoke test)
 
-Every run is `experiments/batch_study.py:<arg>` trained by `tmdiff.train.loop.train` in
-OUT/runs/<name>; a run whose result.json exists is skipped, an interrupted one resumes from its
-checkpoint, so the command can be re-run until it completes. In order:
+Every run's config is `plan.run_config` (the same as `experiments/batch_study.py:<arg>`, with
+<arg> from `Study.arg`), trained by `tmdiff.train.loop.train` in OUT/runs/<name>; a run whose
+result.json exists is skipped, an interrupted one resumes from its checkpoint, so the command
+can be re-run until it completes. In order:
   1. base tuning: at (B_base, D_base), a sweep of the AdamW values reparameterised by a kappa
      multiplier k (lr*sqrt(k), beta^k, eps/sqrt(k)); the best k is the tuned base k0. The sweep
      grows at an edge that wins (at most --max_extend points per side).
@@ -21,8 +24,8 @@ checkpoint, so the command can be re-run until it completes. In order:
      --eval_seeds other eval-mask seeds; and the smallest-B reparameterised run again with
      gradient clipping (--clip_control; the study itself trains without clipping).
   4. gamma: k sweeps at B_base for the other horizons (--horizons x D_base), centred on the
-     optimum the paper's gamma predicts (k0 (D_base/D)^0.44 x {1/2, 1, 2}; grown at a winning
-     edge), so that the fit, not the grid, decides.
+     optimum --gamma_guess predicts (k0 (D_base/D)^gamma_guess x --horizon_kappas; grown at a
+     winning edge), so that the fit, not the grid, decides.
 Every run's final eval is on the same validation rows with the same per-row masks
 (`eval_rows`, tmdiff.eval.elbo), so losses are comparable across batches.
 

@@ -11,51 +11,23 @@ import os
 import time
 
 from tmdiff.scaling import batch_study
-from tmdiff.scaling.batch_study.plan import QUICK, Run, Study
+from tmdiff.scaling.batch_study.plan import (QUICK, Run, Study, add_study_flags,
+                                             study_from_flags)
 from tmdiff.scaling.batch_study.report import update_docs, write_report
 from tmdiff.scaling.batch_study.runner import (RESULT, ensure_data, invocations, record_invocation,
                                                run_study, stored_eval_noise, train_run)
 
 
 def main(argv=None):
-  from tmdiff.diffusion import objective as obj_lib
-  p = argparse.ArgumentParser(description=batch_study.__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(prog="python -m tmdiff.scaling.batch_study",
+                            description=batch_study.__doc__.splitlines()[0])
   p.add_argument("--out", required=True, help="study directory (runs/ and report/)")
   p.add_argument("--data_dir", default="runs/data",
                  help="prepared data (made by tmdiff.data.prepare if absent) or 'synthetic'")
   p.add_argument("--docs", default="", help="also update DIR/batch_study.md and DIR/img/")
   p.add_argument("--quick", action="store_true", help="3 micro runs on synthetic data")
   p.add_argument("--devices", type=int, default=0, help="use the first N devices (0: all)")
-  p.add_argument("--width", type=int, default=Study.width, help="d_model of every run")
-  p.add_argument("--layers", type=int, default=Study.layers, help="blocks of every run")
-  p.add_argument("--base_batch", type=int, default=Study.base_batch)
-  p.add_argument("--base_tokens", type=int, default=Study.base_tokens)
-  p.add_argument("--batches", default=",".join(map(str, Study.batches)))
-  p.add_argument("--kappas", default=",".join(f"{k:g}" for k in Study.kappas))
-  p.add_argument("--horizons", default=",".join(f"{h:g}" for h in Study.horizons),
-                 help="gamma: other horizons as multiples of base_tokens ('' for none)")
-  p.add_argument("--max_extend", type=int, default=Study.max_extend,
-                 help="k sweeps grow by at most this many points at a winning edge")
-  p.add_argument("--tol", type=float, default=Study.tol)
-  p.add_argument("--noise", default=Study.noise, choices=obj_lib.NOISE_KEYS,
-                 help="training masks keyed per example (shared by the grid's runs) or per step")
-  p.add_argument("--loss_norm", default=Study.loss_norm, choices=obj_lib.LOSS_NORMS,
-                 help="train loss divided by rows x seq (fixed) or by the covered tokens")
-  p.add_argument("--min_lr", type=float, default=Study.min_lr,
-                 help="the cosine schedule's floor, a fraction of the peak lr")
-  p.add_argument("--seeds", type=int, default=Study.seeds)
-  p.add_argument("--mask_seeds", type=int, default=Study.mask_seeds,
-                 help="base retrained with this many other training-mask seeds only")
-  p.add_argument("--grid_mask_seeds", type=int, default=Study.grid_mask_seeds,
-                 help="every grid point again with this many other mask seeds; its loss is the "
-                 "mean")
-  p.add_argument("--growth_replicates", type=int, default=Study.growth_replicates,
-                 help="replicates a point above --batches gets before it is known to be flat")
-  p.add_argument("--eval_seeds", type=int, default=Study.eval_seeds)
-  p.add_argument("--clip_control", type=float, default=Study.clip_control,
-                 help="clip norm of the control run (0: no control run)")
-  p.add_argument("--other_bases", default=",".join(f"{k:g}" for k in Study.other_bases),
-                 help="the batch grid again from these base multipliers k ('' for none)")
+  add_study_flags(p)
   p.add_argument("--jobs", type=int, default=2,
                  help="runs trained at once, each in its own process (1: in this process)")
   p.add_argument("--analyse_only", action="store_true", help="report on the finished runs only")
@@ -91,17 +63,7 @@ def main(argv=None):
       data = os.path.abspath(data)
       if not args.analyse_only:
         ensure_data(data)
-    floats = lambda s: tuple(float(v) for v in s.split(",") if v)  # noqa: E731
-    study = Study(data=data, width=args.width, layers=args.layers, base_batch=args.base_batch,
-                  base_tokens=args.base_tokens,
-                  batches=tuple(int(v) for v in args.batches.split(",")),
-                  kappas=floats(args.kappas), horizons=floats(args.horizons), tol=args.tol,
-                  max_extend=args.max_extend, noise=args.noise, loss_norm=args.loss_norm,
-                  min_lr=args.min_lr, seeds=args.seeds, mask_seeds=args.mask_seeds,
-                  grid_mask_seeds=args.grid_mask_seeds,
-                  growth_replicates=args.growth_replicates, eval_seeds=args.eval_seeds,
-                  clip_control=args.clip_control,
-                  other_bases=floats(args.other_bases))
+    study = study_from_flags(args, data=data)
   start = time.perf_counter()
   if args.analyse_only:
     results = {}

@@ -3,8 +3,6 @@ finished ones and resuming interrupted ones, and re-evaluates some under other e
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.util
 import json
 import logging
 import os
@@ -14,23 +12,10 @@ import time
 
 from tmdiff.scaling.batch_study.analysis import (critical_batch, final_loss, select,
                                                  summarise_eval_noise)
-from tmdiff.scaling.batch_study.plan import Run, Study
+from tmdiff.scaling.batch_study.plan import Run, Study, arg_values, run_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-EXPERIMENT = os.path.join(ROOT, "experiments", "batch_study.py")
 RESULT = "result.json"
 NOISE = "eval_noise.json"
-
-
-@functools.cache
-def _load_experiment():
-  """experiments/batch_study.py, loaded from the repository root (it imports experiments.tiny)."""
-  if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-  spec = importlib.util.spec_from_file_location("batch_study_experiment", EXPERIMENT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def train_run(study: Study, run: Run, root: str, devices=None) -> dict:
@@ -41,13 +26,13 @@ def train_run(study: Study, run: Run, root: str, devices=None) -> dict:
   if os.path.exists(path):
     with open(path) as f:
       result = json.load(f)
-    if result["arg"] != arg:
+    if arg_values(result["arg"]) != arg_values(arg):
       raise ValueError(f"batch study: {path} was trained as {result['arg']!r}, not {arg!r} "
                        "(another study's settings): use a fresh --out")
     return result
   from tmdiff.configs.derived import derive
   from tmdiff.train import loop
-  config = _load_experiment().get_config(arg)
+  config = run_config(study, run)
   hp = derive(config)
   resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))  # wall_s: this attempt only
   os.makedirs(workdir, exist_ok=True)
@@ -93,7 +78,7 @@ def eval_noise(study: Study, run: Run, root: str, devices=None) -> dict:
   from tmdiff.eval import elbo as elbo_lib
   from tmdiff.train import checkpoint as ckpt_lib
   from tmdiff.train.trainer import Trainer, make_mesh
-  config = _load_experiment().get_config(study.arg(run))
+  config = run_config(study, run)
   mesh = make_mesh(config, devices)
   trainer = Trainer(config, mesh)
   _, params = ckpt_lib.restore_params(workdir, trainer.abstract_state["params"])
@@ -159,7 +144,7 @@ class Runner:
           spec = json.dumps(dict(study=dataclasses.asdict(self.study), run=dataclasses.asdict(run)))
           cmd = [sys.executable, "-m", "tmdiff.scaling.batch_study",
                  f"--out={os.path.abspath(self.root)}", f"--train_one={spec}"] + self.child_args
-          active[run] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log)
+          active[run] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
         time.sleep(0.5)
         for run, (proc, log) in list(active.items()):
           if proc.poll() is None:
