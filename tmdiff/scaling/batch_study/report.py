@@ -11,10 +11,11 @@ import shutil
 
 import numpy as np
 
+from tmdiff.configs.derived import reparameterise
 from tmdiff.scaling.batch_study.analysis import (MODALITIES, analyse, clip_of, final_loss,
                                                  final_metric, mask_seed_of, naive_vs_flat,
                                                  noise_alone_spread, replicates, select)
-from tmdiff.scaling.batch_study.plan import Study
+from tmdiff.scaling.batch_study.plan import PAPER_GAMMA, Study, base_adamw
 
 MIN_SPAN = 8  # the verdict asks the flat range to span at least this factor of B
 DOCS_BEGIN, DOCS_END = "<!-- batch_study:begin -->", "<!-- batch_study:end -->"
@@ -156,8 +157,9 @@ def markdown(results: dict, study: Study, report: dict) -> str:
     lines += _noise_lines(b, report["seed_noise"], report.get("mask_noise"), study.tol,
                           1 + study.grid_mask_seeds) + [""]
     for k, other in report.get("other_bases", {}).items():
-      lines += [f"From the base k = {float(k):g} (lr {3e-3 * math.sqrt(float(k)):.4g}, betas "
-                f"{0.9 ** float(k):.4g} / {0.95 ** float(k):.4g}):"] + _batch_lines(other)[:-1]
+      lr, beta1, beta2, _ = reparameterise(*base_adamw(), float(k))
+      lines += [f"From the base k = {float(k):g} (lr {lr:.4g}, betas {beta1:.4g} / "
+                f"{beta2:.4g}):"] + _batch_lines(other)[:-1]
       lines += _noise_lines(other, other["seed_noise"], other.get("mask_noise"), study.tol,
                             1 + study.grid_mask_seeds)
       lines += [""]
@@ -181,7 +183,7 @@ def markdown(results: dict, study: Study, report: dict) -> str:
           f"{gm['gamma_68'][1]:.2f}, 95% {gm['gamma_95'][0]:.2f}..{gm['gamma_95'][1]:.2f})"
           if "gamma_sd" in gm else "")
     lines.append(f"- gamma = **{gm['gamma']:.2f}**{ci} from horizons "
-                 f"{', '.join(f'{t:,}' for t in gm['horizons'])} (paper: 0.44)"
+                 f"{', '.join(f'{t:,}' for t in gm['horizons'])} (paper: {PAPER_GAMMA:g})"
                  + ("" if gm["all_bracketed"] else "; some optima NOT bracketed by their sweep"))
   else:
     lines.append(f"- gamma: not fitted ({gm.get('reason')})")
@@ -315,7 +317,8 @@ def plot(results: dict, study: Study, report: dict, out_dir: str) -> list[str]:
         axes[1].plot(ds, np.exp(gm["intercept"] - gm["gamma"] * np.log(ds)), "-",
                      label=f"fit: gamma = {gm['gamma']:.2f}")
         anchor = np.exp(gm["intercept"] - gm["gamma"] * np.log(study.base_tokens))
-        axes[1].plot(ds, anchor * (study.base_tokens / ds) ** 0.44, ":", label="gamma = 0.44 (paper)")
+        axes[1].plot(ds, anchor * (study.base_tokens / ds) ** PAPER_GAMMA, ":",
+                     label=f"gamma = {PAPER_GAMMA:g} (paper)")
       axes[1].set(xscale="log", yscale="log", xlabel="token horizon D",
                   ylabel="optimal k at B_base", title="k*(D) = c (D_base / D)^gamma")
       axes[1].legend(fontsize=8)
