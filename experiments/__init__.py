@@ -1,8 +1,7 @@
 """Experiment configs. `key_values` is the one parser of their comma-separated arguments;
-`data_vocab` reads a prepared data dir's vocabulary sizes."""
-import os
-
-VOCAB_KEYS = ("text_size", "image_size", "audio_size")
+`data_vocab` reads a prepared data dir's vocabulary sizes (tmdiff.data.records.vocab_sizes)."""
+from tmdiff.data.records import VOCAB_KEYS  # noqa: F401
+from tmdiff.data.records import vocab_sizes as data_vocab  # noqa: F401
 
 
 def key_values(arg: str, keys: tuple, where: str) -> dict:
@@ -16,13 +15,3 @@ def key_values(arg: str, keys: tuple, where: str) -> dict:
                        "as key=value, comma-separated")
     out[key] = value
   return out
-
-
-def data_vocab(data_dir: str) -> dict | None:
-  """{text_size, image_size, audio_size} from the manifest of a prepared dir; None where the
-  dir holds no manifest yet (the config is then built before `prepare` has run)."""
-  from tmdiff.data import records
-  if not os.path.exists(os.path.join(data_dir, records.MANIFEST)):
-    return None
-  vocab = records.Manifest.load(data_dir).vocab
-  return {k: int(vocab[k]) for k in VOCAB_KEYS}

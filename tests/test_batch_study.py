@@ -9,7 +9,9 @@ import pytest
 
 from experiments import batch_study as experiment
 from tmdiff.configs.derived import derive
-from tmdiff.scaling import batch_study as bs
+from tmdiff.scaling.batch_study import __main__ as cli
+from tmdiff.scaling.batch_study import analysis, plan, runner
+from tmdiff.scaling.batch_study import report as report_lib
 
 GAMMA = 0.44
 D_BASE = 2**19
@@ -24,7 +26,7 @@ def rising_curve(batches, flat=3.0, knee=32, rise_per_doubling=0.01):
 
 def test_critical_batch_on_flat_then_rising_curve():
   batches = [2, 4, 8, 16, 32, 64, 128, 256]
-  crit = bs.critical_batch(batches, rising_curve(batches), base_batch=16, tol=0.015)
+  crit = analysis.critical_batch(batches, rising_curve(batches), base_batch=16, tol=0.015)
   assert crit["flat_level"] == pytest.approx(3.0)
   # Spread with 64 in the set: 0.03 / mean of five 3.0s (B <= 32) and 3.03; with 128 (3.06)
   # too: 0.06 / its mean; 1.5% is crossed in between, linearly in log B.
@@ -33,16 +35,16 @@ def test_critical_batch_on_flat_then_rising_curve():
   assert crit["first_above"] == 128 and crit["below"] == [2, 4, 8, 16, 32, 64]
   # Order of the input does not matter; a curve that never rises far enough gives a bound.
   shuffled = [64, 2, 256, 16, 8, 128, 4, 32]
-  assert bs.critical_batch(shuffled, rising_curve(shuffled), 16, 0.015)["b_crit"] == \
+  assert analysis.critical_batch(shuffled, rising_curve(shuffled), 16, 0.015)["b_crit"] == \
       pytest.approx(crit["b_crit"])
-  flat = bs.critical_batch(batches, rising_curve(batches, rise_per_doubling=0.001), 16, 0.015)
+  flat = analysis.critical_batch(batches, rising_curve(batches, rise_per_doubling=0.001), 16, 0.015)
   assert flat["b_crit"] is None and flat["b_crit_lower_bound"] == 256
   with pytest.raises(ValueError, match="base_batch"):
-    bs.critical_batch([32, 64], [1.0, 1.1], base_batch=16, tol=0.015)
+    analysis.critical_batch([32, 64], [1.0, 1.1], base_batch=16, tol=0.015)
 
 
 def test_spread():
-  assert bs.spread([2.0, 2.02, 1.98]) == pytest.approx(0.04 / 2.0)
+  assert analysis.spread([2.0, 2.02, 1.98]) == pytest.approx(0.04 / 2.0)
 
 
 def optimum_curve(kappas, tokens, gamma=GAMMA, curvature=0.05, floor=3.0):
@@ -53,28 +55,28 @@ def optimum_curve(kappas, tokens, gamma=GAMMA, curvature=0.05, floor=3.0):
 
 def test_parabola_vertex_and_the_fitted_optimum_are_exact_on_a_parabola():
   loss = optimum_curve(KAPPAS, D_BASE)
-  fit = bs.fit_optimum(KAPPAS, loss)
+  fit = analysis.fit_optimum(KAPPAS, loss)
   assert fit["k"] == pytest.approx(1.3, rel=1e-9) and fit["bracketed"]
   assert fit["loss_at_k"] == pytest.approx(3.0)
-  assert bs.parabola_vertex([0, 1, 2], [1.0, 2.0, 1.0]) is None  # a maximum, not a minimum
-  assert bs.fit_optimum([1.0, 2.0], [1.0, 2.0])["ln_k"] is None
+  assert analysis.parabola_vertex([0, 1, 2], [1.0, 2.0, 1.0]) is None  # a maximum, not a minimum
+  assert analysis.fit_optimum([1.0, 2.0], [1.0, 2.0])["ln_k"] is None
 
 
 def test_gamma_fit_recovers_a_known_gamma():
   horizons = [D_BASE // 2, D_BASE, 2 * D_BASE]
-  optima = [bs.fit_optimum(KAPPAS, optimum_curve(KAPPAS, d)) for d in horizons]
-  gm = bs.fit_gamma(horizons, [o["ln_k"] for o in optima])
+  optima = [analysis.fit_optimum(KAPPAS, optimum_curve(KAPPAS, d)) for d in horizons]
+  gm = analysis.fit_gamma(horizons, [o["ln_k"] for o in optima])
   assert gm["gamma"] == pytest.approx(GAMMA, abs=1e-9)
   # With noise: the bootstrap interval holds the truth and the estimate is close.
   rng = np.random.default_rng(0)
   sigma = 0.002
-  noisy = [bs.fit_optimum(KAPPAS, optimum_curve(KAPPAS, d) + rng.normal(0, sigma, len(KAPPAS)),
+  noisy = [analysis.fit_optimum(KAPPAS, optimum_curve(KAPPAS, d) + rng.normal(0, sigma, len(KAPPAS)),
                           sigma=sigma, n_boot=300, seed=i) for i, d in enumerate(horizons)]
-  gm = bs.fit_gamma(horizons, [o["ln_k"] for o in noisy], [o["boot_ln_k"] for o in noisy])
+  gm = analysis.fit_gamma(horizons, [o["ln_k"] for o in noisy], [o["boot_ln_k"] for o in noisy])
   assert gm["gamma_95"][0] <= GAMMA <= gm["gamma_95"][1]
   assert gm["gamma"] == pytest.approx(GAMMA, abs=3 * gm["gamma_sd"])
   assert 0 < gm["gamma_sd"] < 0.3
-  assert bs.fit_gamma([D_BASE], [0.0])["gamma"] is None
+  assert analysis.fit_gamma([D_BASE], [0.0])["gamma"] is None
 
 
 def fake_result(study, batch, tokens, sde, kappa_mult, loss, seed=0, clip=0.0, mask_seed=-1):
@@ -92,15 +94,15 @@ def fake_result(study, batch, tokens, sde, kappa_mult, loss, seed=0, clip=0.0, m
 
 
 def test_expected_range_of_normal_draws():
-  assert bs.expected_range(2) == pytest.approx(2 / math.sqrt(math.pi), rel=1e-6)
-  assert bs.expected_range(3) == pytest.approx(3 / math.sqrt(math.pi), rel=1e-6)
+  assert analysis.expected_range(2) == pytest.approx(2 / math.sqrt(math.pi), rel=1e-6)
+  assert analysis.expected_range(3) == pytest.approx(3 / math.sqrt(math.pi), rel=1e-6)
   draws = np.random.default_rng(0).normal(size=(20000, 5))
-  assert bs.expected_range(5) == pytest.approx(np.ptp(draws, axis=1).mean(), rel=0.01)
+  assert analysis.expected_range(5) == pytest.approx(np.ptp(draws, axis=1).mean(), rel=0.01)
 
 
 def test_analysis_of_a_synthetic_study(tmp_path):
   """Runs whose losses follow known curves: the report recovers k0, B_crit, spreads, gamma."""
-  study = bs.Study(base_batch=16, base_tokens=D_BASE, other_bases=(0.5,), seeds=2, mask_seeds=2,
+  study = plan.Study(base_batch=16, base_tokens=D_BASE, other_bases=(0.5,), seeds=2, mask_seeds=2,
                    grid_mask_seeds=0)
   results = {}
 
@@ -134,7 +136,7 @@ def test_analysis_of_a_synthetic_study(tmp_path):
   # The smallest-B run again with clipping: reported beside its unclipped twin.
   add(2, D_BASE, True, k0, base_loss * 1.02, clip=1.0)
 
-  report = bs.analyse(results, study)
+  report = analysis.analyse(results, study)
   assert report["k0"] == k0
   b = report["batch"]
   s64, s128 = 0.01 / ((5 + 1.01) / 6), 0.02 / ((5 + 1.01 + 1.02) / 7)  # spreads, 64 / 128 in
@@ -146,7 +148,7 @@ def test_analysis_of_a_synthetic_study(tmp_path):
   assert b["reparam_spread"] == pytest.approx(0.01 / (1 + 0.01 / 6), rel=1e-9)
   naive = [base_loss * (1 + 0.01 * abs(math.log2(x / 16))) for x in (2, 4, 8, 16, 32)]
   naive.append(base_loss * 1.01 * 1.02)
-  assert b["naive_spread"] == pytest.approx(bs.spread(naive))
+  assert b["naive_spread"] == pytest.approx(analysis.spread(naive))
   assert report["seed_noise"]["spread"] == pytest.approx(0.004, rel=1e-6)
   assert report["mask_noise"]["spread"] == pytest.approx(0.002, rel=1e-6)
   assert report["mask_noise"]["rel_sd"] == pytest.approx(0.001, rel=1e-6)
@@ -155,7 +157,7 @@ def test_analysis_of_a_synthetic_study(tmp_path):
   assert report["clip_control"] == [dict(batch=2, clip=1.0, loss=pytest.approx(base_loss * 1.02),
                                          unclipped=pytest.approx(base_loss),
                                          rel_to_flat=pytest.approx(0.02))]
-  text = bs.markdown(results, study, report)
+  text = report_lib.markdown(results, study, report)
   other = report["other_bases"]["0.5"]
   assert other["b_crit"] is None and other["b_crit_lower_bound"] == 64
   assert other["reparam_spread"] == 0 and other["naive_spread"] == pytest.approx(0.03 / 1.025)
@@ -170,12 +172,12 @@ def test_analysis_of_a_synthetic_study(tmp_path):
     assert t["rel_diff"] == pytest.approx(results[a]["eval"]["loss"] / results[b]["eval"]["loss"] - 1)
   assert report["twins"][1]["sde_loss"] == pytest.approx(other_loss)
   assert f"b32_d{D_BASE}_sde_k0.5 (SDE)" in text
-  paths = bs.plot(results, study, report, str(tmp_path))
+  paths = report_lib.plot(results, study, report, str(tmp_path))
   assert [os.path.basename(p) for p in paths] == ["batch_study.png", "batch_study_gamma.png"]
 
 
 def test_grid_points_average_their_mask_seed_replicates():
-  study = bs.Study(base_batch=4, base_tokens=D_BASE, batches=(1, 2, 4, 8), other_bases=(),
+  study = plan.Study(base_batch=4, base_tokens=D_BASE, batches=(1, 2, 4, 8), other_bases=(),
                    grid_mask_seeds=1)
   results = {}
 
@@ -191,11 +193,11 @@ def test_grid_points_average_their_mask_seed_replicates():
   add(8, D_BASE, True, 1.0, 3.15, mask_seed=1)
   add(8, D_BASE, False, 1.0, 3.0)
   add(4, D_BASE, False, 1.0, 3.0 * 1.03, mask_seed=2)  # a noise run, not a replicate
-  g = bs.select(results, study)
+  g = analysis.select(results, study)
   assert [r["replicates"] for r in g["reparam"]] == [2, 2, 2, 2]
   assert [r["eval"]["loss"] for r in g["reparam"]] == pytest.approx([3.0, 3.0, 3.0, 3.15])
   assert "replicates" not in g["naive"][-1]  # B = 8 naive: no replicate
-  report = bs.analyse(results, study)
+  report = analysis.analyse(results, study)
   assert report["batch"]["reparam_spread"] == pytest.approx(0.0, abs=1e-12)
   assert report["batch"]["b_crit"] is not None and report["batch"]["below"] == [1, 2, 4]
   # Mask noise from the base and its mask seeds 1, 2 (3.03, 2.97, 3.09).
@@ -204,7 +206,7 @@ def test_grid_points_average_their_mask_seed_replicates():
   # is left out of it.
   assert report["batch"]["incomplete"] == [f"b8_d{D_BASE}_fixed_k1"]
   assert report["batch"]["paired_noise"]["points"] == 6
-  text = bs.markdown(results, study, report)
+  text = report_lib.markdown(results, study, report)
   assert "(mean of 2)" in text and f"without every replicate: b8_d{D_BASE}_fixed_k1" in text
 
 
@@ -245,15 +247,15 @@ def test_experiment_file_reparameterises_from_the_base():
 def test_cli_quick_study_is_resumable_and_evaluates_the_same_rows(tmp_path, capsys):
   out, docs = tmp_path / "study", tmp_path / "docs"
   docs.mkdir()
-  (docs / "batch_study.md").write_text(f"# page\n{bs.DOCS_BEGIN}\nold\n{bs.DOCS_END}\ntail\n")
+  (docs / "batch_study.md").write_text(f"# page\n{report_lib.DOCS_BEGIN}\nold\n{report_lib.DOCS_END}\ntail\n")
   argv = [f"--out={out}", "--quick", "--devices=1", f"--docs={docs}"]
-  bs.main(argv)
+  cli.main(argv)
   assert "trained 3 runs this time" in capsys.readouterr().out
   runs = sorted(os.listdir(out / "runs"))
   assert runs == ["b4_d1024_fixed_k1", "b8_d1024_fixed_k1", "b8_d1024_sde_k1"]
-  results = {r: json.loads((out / "runs" / r / bs.RESULT).read_text()) for r in runs}
+  results = {r: json.loads((out / "runs" / r / runner.RESULT).read_text()) for r in runs}
   # Every run is evaluated on the same rows (same token counts per modality).
-  fractions = {r: [v["eval"][f"token_fraction/{m}"] for m in bs.MODALITIES]
+  fractions = {r: [v["eval"][f"token_fraction/{m}"] for m in analysis.MODALITIES]
                for r, v in results.items()}
   assert len({tuple(v) for v in fractions.values()}) == 1, fractions
   sde, naive, base = (results[r] for r in ("b8_d1024_sde_k1", "b8_d1024_fixed_k1",
@@ -265,10 +267,10 @@ def test_cli_quick_study_is_resumable_and_evaluates_the_same_rows(tmp_path, caps
   page = (docs / "batch_study.md").read_text()
   assert "old" not in page and page.endswith("tail\n") and "| reparam | 8 |" in page
   assert (docs / "img" / "batch_study.png").stat().st_size > 0
-  mtimes = {r: (out / "runs" / r / bs.RESULT).stat().st_mtime for r in runs}
-  bs.main(argv)  # finished runs are skipped
+  mtimes = {r: (out / "runs" / r / runner.RESULT).stat().st_mtime for r in runs}
+  cli.main(argv)  # finished runs are skipped
   assert "trained 0 runs this time" in capsys.readouterr().out
-  assert mtimes == {r: (out / "runs" / r / bs.RESULT).stat().st_mtime for r in runs}
+  assert mtimes == {r: (out / "runs" / r / runner.RESULT).stat().st_mtime for r in runs}
 
 
 def test_paired_noise_is_the_scatter_about_the_grid_pattern():
@@ -276,15 +278,15 @@ def test_paired_noise_is_the_scatter_about_the_grid_pattern():
   pattern = 4.0 + 0.3 * rng.random(30)            # 30 grid points
   shifts = np.array([0.05, -0.08, 0.0, 0.11, -0.02])  # each replicate's level, cancels
   clean = pattern[:, None] * (1 + shifts[None])
-  assert bs.paired_noise(clean)["rel_sd"] == pytest.approx(0.0, abs=1e-7)  # shifts: no noise
-  assert bs.paired_noise(clean)["level_shifts"] == pytest.approx(
+  assert analysis.paired_noise(clean)["rel_sd"] == pytest.approx(0.0, abs=1e-7)  # shifts: no noise
+  assert analysis.paired_noise(clean)["level_shifts"] == pytest.approx(
       list(np.exp(np.log1p(shifts) - np.log1p(shifts).mean()) - 1))
   rel_sigma = 0.004
   noisy = clean * np.exp(rng.normal(0.0, rel_sigma, (30, 5)))
-  est = bs.paired_noise(noisy)
+  est = analysis.paired_noise(noisy)
   assert est["rel_sd"] == pytest.approx(rel_sigma, rel=0.2)   # 116 degrees of freedom
   assert est["sd"] == pytest.approx(rel_sigma * noisy.mean(), rel=0.2)
-  assert bs.paired_noise(noisy[:, :1])["sd"] is None
+  assert analysis.paired_noise(noisy[:, :1])["sd"] is None
 
 
 @pytest.mark.parametrize("naive_worse", [True, False])
@@ -293,7 +295,7 @@ def test_replicated_grid_verdict(naive_worse):
   (by 4-10% at each B) or the same as reparameterised but for noise: the paired test says
   which, and its figures agree with scipy's paired t test on the per-replicate means."""
   from scipy import stats
-  study = bs.Study(base_batch=4, base_tokens=D_BASE, batches=(1, 2, 4, 8, 16), grid_mask_seeds=2)
+  study = plan.Study(base_batch=4, base_tokens=D_BASE, batches=(1, 2, 4, 8, 16), grid_mask_seeds=2)
   results = {}
 
   def add(*args, **kw):
@@ -312,7 +314,7 @@ def test_replicated_grid_verdict(naive_worse):
         loss = level * rep * naive[b] * math.exp(rng.normal(0, 0.001))
         add(b, D_BASE, False, 1.0, loss, mask_seed=mask_seed)
         ln.setdefault((False, b), []).append(math.log(loss))
-  report = bs.analyse(results, study)
+  report = analysis.analyse(results, study)
   b = report["batch"]
   assert b["below"] == [1, 2, 4, 8] and b["reparam_spread"] < 0.015
   assert len(b["by_replicate"]) == 3 and b["paired_noise"]["replicates"] == 3
@@ -329,32 +331,32 @@ def test_replicated_grid_verdict(naive_worse):
     assert paired["per_batch"][x]["mean"] == pytest.approx(
         np.mean(np.subtract(ln[(False, x)], ln[(True, x)])))
   assert paired["worse"] == naive_worse
-  verdict = bs.naive_vs_flat(b, b["paired_noise"]["rel_sd"], 3, 4)
+  verdict = analysis.naive_vs_flat(b, b["paired_noise"]["rel_sd"], 3, 4)
   assert set(verdict["z"]) == {1, 2, 8}
-  text = bs.markdown(results, study, report)
+  text = report_lib.markdown(results, study, report)
   assert ("reparameterised runs within 1.5% of each other below B_crit over a span of at least "
           "8x: **yes**") in text
   assert f"(pooled paired t test, 95%): **{'yes' if naive_worse else 'no'}**" in text
   # A point above B_crit that the study stopped at under one replicate is left out of the
   # replicate analysis, not a reason to drop it.
   add(32, D_BASE, True, 1.0, 3.0 * 1.2, mask_seed=-1)
-  partial = bs.analyse(results, study)["batch"]
+  partial = analysis.analyse(results, study)["batch"]
   assert partial["naive_paired"] == paired
   assert partial["first_above"] == 16 and partial["below"] == b["below"]
   assert partial["incomplete"] == ["b32_d524288_sde_k1"]
   assert partial["paired_noise"] == b["paired_noise"]
-  assert "left out, without every replicate: b32_d524288_sde_k1" in bs.markdown(
-      results, study, bs.analyse(results, study))
+  assert "left out, without every replicate: b32_d524288_sde_k1" in report_lib.markdown(
+      results, study, analysis.analyse(results, study))
 
 
 def test_grid_grows_reparameterised_replicates_first(tmp_path):
   """A point above the given batches gets study.growth_replicates reparameterised runs; it is
   filled out (every replicate, naive too) only while the grid is still flat."""
-  study = bs.Study(base_batch=4, base_tokens=D_BASE, batches=(1, 2, 4), grid_mask_seeds=3,
+  study = plan.Study(base_batch=4, base_tokens=D_BASE, batches=(1, 2, 4), grid_mask_seeds=3,
                    growth_replicates=2)
   level = {1: 3.0, 2: 3.0, 4: 3.0, 8: 3.01, 16: 3.15, 32: 3.3}
 
-  class Synthetic(bs.Runner):
+  class Synthetic(runner.Runner):
     def ensure(self, runs):
       runs = list(runs)
       for run in runs:
@@ -363,14 +365,69 @@ def test_grid_grows_reparameterised_replicates_first(tmp_path):
                               mask_seed=run.mask_seed)
         self.results.setdefault(name, r)
       return [self.results[r.name] for r in runs]
-  runner = Synthetic(study, str(tmp_path))
-  runner.batch_grid(1.0)
-  trained = {(r["batch"], r["sde"]): 0 for r in runner.results.values()}
-  for r in runner.results.values():
+  grid = Synthetic(study, str(tmp_path))
+  grid.batch_grid(1.0)
+  trained = {(r["batch"], r["sde"]): 0 for r in grid.results.values()}
+  for r in grid.results.values():
     trained[(r["batch"], r["sde"])] += 1
   assert trained == {(1, True): 4, (1, False): 4, (2, True): 4, (2, False): 4, (4, False): 4,
                      (8, True): 4, (8, False): 4, (16, True): 2}
-  b = bs.analyse(runner.results, study)["batch"]
+  b = analysis.analyse(grid.results, study)["batch"]
   assert b["first_above"] == 16 and b["below"] == [1, 2, 4, 8]
   assert b["incomplete"] == ["b16_d524288_sde_k1"]
   assert b["naive_paired"]["pooled"]["mean"] == pytest.approx(math.log(1.02))
+
+
+def test_study_settings_give_the_flags_and_the_run_argument():
+  """The command line's flags come from Study's fields; a run's experiment argument parses back
+  to its run and the study's run-key settings, in any key order."""
+  import argparse
+  parser = argparse.ArgumentParser()
+  plan.add_study_flags(parser)
+  assert plan.study_from_flags(parser.parse_args([]), data="synthetic") == plan.Study()
+  args = parser.parse_args(["--batches=2,4", "--kappas=0.5,2", "--horizons=", "--tol=0.02",
+                            "--noise=step", "--width=128"])
+  study = plan.study_from_flags(args, data="/d")
+  assert (study.batches, study.kappas, study.horizons, study.tol, study.noise, study.width) == \
+      ((2, 4), (0.5, 2.0), (), 0.02, "step", 128)
+  with pytest.raises(SystemExit):
+    parser.parse_args(["--loss_norm=other"])
+  run = study.run(8, sde=True, kappa_mult=0.5, seed=2, clip=1.0, mask_seed=3)
+  arg = study.arg(run)
+  parsed, parsed_run, gamma = plan.from_arg(plan.arg_values(arg))
+  assert parsed_run == run and gamma == plan.PAPER_GAMMA
+  assert (parsed.data, parsed.width, parsed.noise, parsed.base_tokens) == ("/d", 128, "step",
+                                                                           study.base_tokens)
+  reordered = ",".join(reversed(arg.split(",")))
+  assert plan.arg_values(reordered) == plan.arg_values(arg)
+  quick, quick_run, _ = plan.from_arg({"quick": "1"})
+  assert (quick_run.batch, quick_run.tokens, quick.seq_len, quick.eval_rows) == (4, 1024, 32, 32)
+
+
+def test_run_config_matches_the_experiment_file():
+  """The runner's config (plan.run_config) is the experiment file's, and it says what it trains:
+  the run's batch and horizon, the study's model and base point, the base AdamW values
+  reparameterised by kappa_mult."""
+  from tmdiff.configs.base import get_base_config
+  from tmdiff.configs.derived import reparameterise
+  run = plan.Run(batch=8, tokens=D_BASE, sde=True, kappa_mult=2.0, mask_seed=3)
+  study = plan.Study(base_batch=16, base_tokens=D_BASE, width=128, min_lr=0.0)
+  c = plan.run_config(study, run)
+  assert c.to_dict() == experiment.get_config(study.arg(run)).to_dict()
+  base = get_base_config().optim
+  assert plan.base_adamw() == (base.lr, base.beta1, base.beta2, base.eps)
+  lr, beta1, beta2, eps = reparameterise(*plan.base_adamw(), 2.0)
+  assert (c.optim.lr, c.optim.beta1, c.optim.beta2, c.optim.eps) == (lr, beta1, beta2, eps)
+  assert (c.optim.clip_norm, c.optim.min_lr_ratio) == (0.0, 0.0)
+  assert (c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads,
+          c.model.d_ff) == (128, 2, 4, 2, 384)
+  assert (c.data.global_batch, c.data.seq_len, c.data.eval_batches) == (8, 128, 1024 // 8)
+  assert (c.sde.enabled, c.sde.batch_base, c.sde.tokens_base, c.sde.gamma) == \
+      (True, 16, float(D_BASE), plan.PAPER_GAMMA)
+  assert (c.seeds.masks, c.train.eval_every) == (3, 0)
+  hp = derive(c)
+  assert hp.steps == D_BASE // (8 * 128) == c.train.steps
+  with pytest.raises(ValueError, match="multiple of 64"):
+    plan.run_config(plan.Study(width=96), run)
+  with pytest.raises(ValueError, match="bad argument .bogus=1."):
+    experiment.get_config("batch=4,bogus=1")

@@ -110,7 +110,8 @@ def test_cli_writes_fits_and_plots(tmp_path):
   runs = fit.synthetic_runs({"text": TRUE}, SIZES[::2], horizons=(10, 100, 1000), noise=0.005)
   fit.save_runs(runs, str(tmp_path / "runs.csv"))
   out = tmp_path / "out"
-  fit.main([f"--runs={tmp_path / 'runs.csv'}", f"--out={out}", "--n_boot=4"])
+  from tmdiff.scaling.fit import __main__ as fit_cli
+  fit_cli.main([f"--runs={tmp_path / 'runs.csv'}", f"--out={out}", "--n_boot=4"])
   report = json.loads((out / "fits.json").read_text())
   assert set(report["text"]) >= {"law_nd", "ci_nd", "law_c", "frontier", "extrapolation"}
   for name in ("loss_curves_text.png", "isoflop_text.png", "frontier_text.png"):

@@ -303,3 +303,15 @@ class Manifest:
       raise RecordError(f"{os.path.join(directory, MANIFEST)} lists no {source!r} shards for "
                         f"split {split!r}") from None
     return [os.path.join(directory, source, n) for n in names]
+
+
+VOCAB_KEYS = ("text_size", "image_size", "audio_size")
+
+
+def vocab_sizes(directory: str) -> dict[str, int] | None:
+  """{text_size, image_size, audio_size} from the manifest of a prepared directory; None where
+  it holds no manifest yet (a config built before `prepare` has run)."""
+  if not os.path.exists(os.path.join(directory, MANIFEST)):
+    return None
+  vocab = Manifest.load(directory).vocab
+  return {k: int(vocab[k]) for k in VOCAB_KEYS}

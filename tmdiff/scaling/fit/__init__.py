@@ -17,11 +17,10 @@ Runs table: one row per (run, modality, evaluation point) with columns run, moda
 tokens (D), flops (C; empty/0 -> 6 N D), loss. Intermediate points of a run share its `run`;
 bootstrap resamples whole runs.
 
-  python -m tmdiff.scaling.fit --runs=runs.csv --out=fits/   # fits.json + PNG plots
+  python -m tmdiff.scaling.fit --runs=runs.csv --out=fits/   # fits.json + PNGs (fit/__main__.py)
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -516,38 +515,3 @@ def fit_modality(runs: Runs, n_boot=100, level=0.95, delta=1e-3, k=6.0, seed=0,
 
 def fit_all(runs: Runs, **kw) -> dict:
   return {m: fit_modality(runs.for_modality(m), **kw) for m in runs.modalities}
-
-
-def main(argv=None):
-  p = argparse.ArgumentParser(description="Scaling-law fits and plots from a runs table.")
-  p.add_argument("--runs", required=True, help="CSV/JSON runs table (run,modality,params,tokens,flops,loss)")
-  p.add_argument("--out", required=True, help="directory for fits.json and PNGs")
-  p.add_argument("--n_boot", type=int, default=200)
-  p.add_argument("--level", type=float, default=0.95)
-  p.add_argument("--k", type=float, default=6.0, help="C = k N D for the frontier")
-  p.add_argument("--no_plots", action="store_true")
-  args = p.parse_args(argv)
-  runs = load_runs(args.runs)
-  os.makedirs(args.out, exist_ok=True)
-  report = fit_all(runs, n_boot=args.n_boot, level=args.level, k=args.k)
-  with open(os.path.join(args.out, "fits.json"), "w") as f:
-    json.dump(report, f, indent=1)
-  for m, r in report.items():
-    law = r["law_nd"]
-    ci = r["ci_nd"]
-    print(f"[{m}] L = {law['E']:.4g} + {law['A']:.4g}/N^{law['alpha']:.3f} + "
-          f"{law['B']:.4g}/D^{law['beta']:.3f}  (alpha {ci['alpha']['low']:.3f}..{ci['alpha']['high']:.3f}, "
-          f"beta {ci['beta']['low']:.3f}..{ci['beta']['high']:.3f})  " +
-          (f"D*(N) = {r['frontier']['d_of_n']['coef']:.4g} N^{r['frontier']['d_of_n']['exp']:.3f}"
-           if "d_of_n" in r["frontier"] else r["frontier"]["error"]))
-    if "extrapolation" in r and "mean_abs_rel_error" in r["extrapolation"]:
-      print(f"[{m}] extrapolation to N={r['extrapolation']['n_test']:.3g}: mean |rel err| "
-            f"{r['extrapolation']['mean_abs_rel_error']:.4f}")
-  if not args.no_plots:
-    from tmdiff.scaling import plots
-    for path in plots.plot_all(runs, report, args.out, k=args.k):
-      print("wrote", path)
-
-
-if __name__ == "__main__":
-  main()
