@@ -109,8 +109,10 @@ def main():
     state, metrics = step(state, batch)
   jax.block_until_ready(state)
   t0 = time.perf_counter()
+  losses = []
   for _ in range(args.steps):
     state, metrics = step(state, batch)
+    losses.append(metrics["loss"])
   jax.block_until_ready(state)
   dt = (time.perf_counter() - t0) / args.steps
   tokens = args.batch * args.seq_len
@@ -124,6 +126,7 @@ def main():
     print(f"MFU {achieved / sheet:.1%} of datasheet {sheet / 1e12:.0f} TFLOP/s")
   if measured:
     print(f"MFU {achieved / measured:.1%} of measured matmul {measured / 1e12:.0f} TFLOP/s")
+  print("loss per timed step (the same batch):", " ".join(f"{float(x):.3f}" for x in losses))
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     print(f"peak device memory {stats['peak_bytes_in_use'] / 2**30:.1f} GiB")

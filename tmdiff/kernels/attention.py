@@ -177,6 +177,10 @@ def attend_pallas_tpu(q, k, v, segment_ids, *, interpret: bool | None = None):
 _BACKENDS = {"reference": attend_reference, "xla": attend_xla, "cudnn": attend_cudnn,
              "pallas_gpu": attend_pallas_gpu, "pallas_tpu": attend_pallas_tpu}
 IMPLS = ("auto",) + tuple(_BACKENDS)
+# Primitives of the kernels' forward passes, whose outputs a remat policy may keep (the
+# backward then reuses them instead of running the forward again).
+FORWARD_PRIMITIVES = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper",
+                      "pallas_call")
 
 # Per-platform default. cuDNN is 2.5-3.4x faster than our Pallas kernel on H100/H200
 # (docs/benchmarks.md). Its packed path once went non-finite in training: the segment offsets

@@ -22,14 +22,18 @@ from tmdiff.kernels import attention as attention_lib
 from tmdiff.model import completep as cp_lib
 
 NUM_MODALITIES = len(vocab_lib.MODALITIES)
+
+
+def _dots_and_attention(prim, *args, **params) -> bool:
+  return (prim.name in attention_lib.FORWARD_PRIMITIVES or
+          jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
+
+
 # model.remat: what the backward pass keeps of each block's forward. none: everything; block:
 # only the block's input (the whole block is recomputed); dots: the outputs of the weight
-# matmuls (attention and the elementwise work are recomputed).
-REMAT_POLICIES = {
-    "none": None,
-    "block": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+# matmuls and of the attention kernel (norms, RoPE and SwiGLU's elementwise work are recomputed).
+REMAT_POLICIES = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
+                  "dots": _dots_and_attention}
 REMAT = tuple(REMAT_POLICIES)
 LAYER_AXIS = "layers"
 
