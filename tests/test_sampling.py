@@ -15,6 +15,7 @@ from scipy import stats
 
 from tmdiff.configs.base import get_base_config
 from tmdiff.data import vocab as vocab_lib
+from tmdiff.diffusion import objective as obj_lib
 from tmdiff.diffusion import sampling
 from tmdiff.diffusion import schedules as schedules_lib
 
@@ -352,7 +353,7 @@ def test_cfg_sampling_scale_zero_and_one():
 def test_settings_come_from_the_config_and_bad_settings_name_the_key():
   c = get_base_config()
   for modality in vocab_lib.MODALITIES:
-    assert sampling.settings_from_config(c.sampling, modality).steps == c.sampling[modality].steps
+    assert sampling.settings_from_config(c, modality).steps == c.sampling[modality].steps
   with pytest.raises(sampling.SamplerError, match="method"):
     sampling.SamplerSettings(method="beam")
   with pytest.raises(sampling.SamplerError, match="top_p"):
@@ -360,11 +361,38 @@ def test_settings_come_from_the_config_and_bad_settings_name_the_key():
   with pytest.raises(sampling.SamplerError, match="remask_eta"):
     sampling.SamplerSettings(method="maskgit", remask_eta=0.1)
   with pytest.raises(sampling.SamplerError, match="modality"):
-    sampling.settings_from_config(c.sampling, "video")
+    sampling.settings_from_config(c, "video")
   with pytest.raises(sampling.SamplerError, match="block_length"):
     sampling.SamplerSettings(block_length=-1)
   c.sampling.text.block_length = 32
-  assert sampling.settings_from_config(c.sampling, "text").block_length == 32
+  assert sampling.settings_from_config(c, "text").block_length == 32
+
+
+def test_polynomial_sampling_uses_the_trained_exponent():
+  """A model trained with alpha = 1 - t^3 samples with 1 - t^3, not the default 1 - t^2."""
+  c = get_base_config()
+  c.diffusion.schedule.text, c.diffusion.poly_exponent = "polynomial", 3.0
+  c.sampling.text.schedule, c.sampling.text.steps = "polynomial", 4
+  settings = sampling.settings_from_config(c, "text")
+  t = np.linspace(1.0, 0.0, 5)  # the step boundaries t_k = 1 - k / 4
+  trained = obj_lib.Objective.from_config(c.diffusion, LAYOUT).schedules[vocab_lib.TEXT]
+  np.testing.assert_allclose(trained.alpha(t), 1 - t ** 3, atol=1e-7)
+  # Ancestral: a token masked at t = 1 is revealed in step k with probability
+  # alpha(t_{k+1}) - alpha(t_k) = t_k^3 - t_{k+1}^3.
+  np.testing.assert_allclose(sampling.reveal_step_probabilities(settings),
+                             t[:-1] ** 3 - t[1:] ** 3, atol=1e-6)
+  # Confidence: floor(n t_{k+1}^3) positions stay masked after step k; each revealed token
+  # records how many masks its row held when it was drawn.
+  n = 40
+  tokens = np.tile([ORDER_LAYOUT.bos] + [ORDER_LAYOUT.mask] * n, (2, 1))
+  out = _run(mask_count_denoiser, _rows(tokens), settings.replace(method="confidence"),
+             bias=sampling.logit_bias(ORDER_LAYOUT)[:, :ORDER_LAYOUT.size])
+  left = [n] + [int(np.floor(n * x ** 3)) for x in t[1:]]  # 40, 16, 5, 0, 0
+  expected = np.zeros(n + 1, int)
+  for before, after in zip(left[:-1], left[1:]):
+    expected[before] += before - after
+  for row in out[:, 1:] - ORDER_TEXT0:
+    np.testing.assert_array_equal(np.bincount(row, minlength=n + 1), expected)
 
 
 # --- semi-autoregressive blocks --------------------------------------------------------------

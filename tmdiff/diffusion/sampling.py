@@ -88,6 +88,7 @@ class SamplerSettings:
   threshold: float = 0.9           # threshold: reveal positions with confidence above this
   remask_eta: float = 0.0          # ancestral: ReMDM-cap remasking strength, 0 = off
   block_length: int = 0            # semi-autoregressive blocks of masked positions, 0 = off
+  poly_exponent: float = 2.0       # schedule='polynomial': p; from config.diffusion (training's)
 
   def __post_init__(self):
     object.__setattr__(self, "cfg_window", tuple(float(x) for x in self.cfg_window))
@@ -113,6 +114,7 @@ class SamplerSettings:
     need(self.choice_temperature >= 0, "choice_temperature", "must be >= 0")
     need(0 <= self.threshold <= 1, "threshold", f"must be in [0, 1], got {self.threshold}")
     need(self.remask_eta >= 0, "remask_eta", f"must be >= 0, got {self.remask_eta}")
+    need(self.poly_exponent > 0, "poly_exponent", f"must be > 0, got {self.poly_exponent}")
     need(isinstance(self.block_length, int) and self.block_length >= 0, "block_length",
          f"must be an int >= 0 (0 = no blocks), got {self.block_length!r}")
     need(self.remask_eta == 0 or self.method == "ancestral", "remask_eta",
@@ -122,18 +124,21 @@ class SamplerSettings:
     return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-FIELDS = tuple(f.name for f in dataclasses.fields(SamplerSettings))
+# Settings a `config.sampling.<modality>` block holds; schedule parameters (poly_exponent) come
+# from config.diffusion, so sampling uses the schedule the model was trained with.
+FIELDS = tuple(f.name for f in dataclasses.fields(SamplerSettings) if f.name != "poly_exponent")
 
 
-def settings_from_config(sampling_cfg, modality: str) -> SamplerSettings:
-  """SamplerSettings from `config.sampling.<modality>` (text | image | audio)."""
+def settings_from_config(config, modality: str) -> SamplerSettings:
+  """SamplerSettings from `config.sampling.<modality>` (text | image | audio), with the schedule
+  parameters of `config.diffusion`."""
   if modality not in vocab_lib.MODALITIES:
     raise SamplerError(f"unknown modality {modality!r}; choose from {vocab_lib.MODALITIES}")
-  block = sampling_cfg[modality]
+  block = config.sampling[modality]
   values = {k: block[k] for k in FIELDS if k in block}
   if "cfg_window" in values:
     values["cfg_window"] = tuple(values["cfg_window"])
-  return SamplerSettings(**values)
+  return SamplerSettings(**values, poly_exponent=float(config.diffusion.poly_exponent))
 
 
 def logit_bias(layout: vocab_lib.VocabLayout, *, strict: bool = False) -> np.ndarray:
@@ -333,7 +338,7 @@ def _sample_impl(denoise_fn, static: SamplerSettings, mask_id: int, inputs, key,
   use_guidance = cond_mask is not None and s.cfg_scale != 1.0  # static flag
   cond_mask = (jnp.zeros_like(tokens, bool) if cond_mask is None
                else jnp.asarray(cond_mask).astype(bool))
-  schedule = schedules_lib.make_schedule(s.schedule)
+  schedule = schedules_lib.from_config(s.schedule, s)
   generated = tokens == mask_id                       # positions this call fills
   block_of, n_blocks, total_steps = block_plan(generated, v["steps"], v["block_length"])
   position_bias = None if bias is None else jnp.asarray(bias, jnp.float32)[modality]
@@ -453,7 +458,7 @@ def sample(denoise_fn: Callable, inputs: dict, key, settings: SamplerSettings, *
 def reveal_step_probabilities(settings: SamplerSettings) -> np.ndarray:
   """[steps] probability that ancestral sampling reveals a given masked token at step k
   (no remasking); tests use it to predict the joint of tokens revealed in the same step."""
-  schedule = schedules_lib.make_schedule(settings.schedule)
+  schedule = schedules_lib.from_config(settings.schedule, settings)
   still_masked, out = 1.0, []
   for k in range(settings.steps):
     t, t_next = 1.0 - k / settings.steps, 1.0 - (k + 1) / settings.steps

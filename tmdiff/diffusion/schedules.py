@@ -122,3 +122,9 @@ def make_schedule(name: str, *, poly_exponent: float = 2.0) -> Schedule:
   if name == "geometric":
     return Geometric()
   raise ValueError(f"unknown schedule {name!r}; choose from {SCHEDULES}")
+
+
+def from_config(name: str, params) -> Schedule:
+  """Schedule `name` with the parameters the model was trained with. `params`: config.diffusion,
+  or SamplerSettings (which carry them from there), anything with a `poly_exponent`."""
+  return make_schedule(name, poly_exponent=float(params.poly_exponent))
