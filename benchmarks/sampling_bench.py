@@ -103,7 +103,7 @@ def main(argv):
   if _MODALITY.value not in vocab_lib.MODALITIES:
     raise SystemExit(f"sampling_bench: --modality={_MODALITY.value!r} not in "
                      f"{vocab_lib.MODALITIES}")
-  settings = sampling.settings_from_config(c.sampling, _MODALITY.value).replace(
+  settings = sampling.settings_from_config(c, _MODALITY.value).replace(
       steps=_STEPS.value, method=_METHOD.value, block_length=_BLOCK.value, cfg_scale=_CFG.value)
   trainer = Trainer(c, make_mesh(c))
   layout = trainer.layout

@@ -28,6 +28,18 @@ def test_schedule_derivative_and_weight(name):
   assert np.all(np.diff(np.asarray(s.alpha(t))) < 0)
 
 
+def test_schedule_names_and_closed_forms():
+  assert all(sched_lib.make_schedule(n).name == n for n in sched_lib.SCHEDULES)
+  with pytest.raises(ValueError, match="choose from"):
+    sched_lib.make_schedule("cosinus")
+  t = np.array([0.1, 0.5, 0.9], np.float32)
+  # Cosine masks faster than linear early and flattens late: 1 - alpha = sin(pi t / 2).
+  masked = 1 - np.asarray(sched_lib.make_schedule("cosine").alpha(t))
+  np.testing.assert_allclose(masked, [0.156434, 0.707107, 0.987688], atol=1e-6)
+  poly = sched_lib.make_schedule("polynomial", poly_exponent=3.0)
+  np.testing.assert_allclose(poly.alpha(t), 1 - t ** 3, atol=1e-7)
+
+
 def _denoiser_log_probs(noisy, targets, modality, bias):
   """A fixed denoiser: logits depend on the position and on every noisy token."""
   vocab = bias.shape[1]

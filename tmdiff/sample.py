@@ -101,7 +101,7 @@ def apply_sampling_defaults(config, workdir: str) -> dict:
       if key not in sampling.FIELDS:
         raise SampleError(f"{path}: {modality}.{key} is not a sampler setting {sampling.FIELDS}")
       config.sampling[modality][key] = tuple(value) if isinstance(value, list) else value
-    sampling.settings_from_config(config.sampling, modality)  # validates the result
+    sampling.settings_from_config(config, modality)  # validates the result
   logging.info("sampling defaults from %s: %s", path, tuned)
   return tuned
 
@@ -316,7 +316,7 @@ def run(workdir: str, task: str, prompt_text: str, out: str, *, num: int = 1, se
                         audio_tokens=audio_tokens or 0, infill_tokens=infill_tokens)
 
   modality_name = TASK_MODALITY[task]
-  settings = sampling.settings_from_config(config.sampling, modality_name)
+  settings = sampling.settings_from_config(config, modality_name)
   settings = settings.replace(**(overrides or {}))
 
   mesh = make_mesh(config)

@@ -47,8 +47,7 @@ class Objective:
   @classmethod
   def from_config(cls, diffusion_cfg, layout: vocab_lib.VocabLayout) -> "Objective":
     d = diffusion_cfg
-    scheds = tuple(schedules_lib.make_schedule(d.schedule[m], poly_exponent=d.poly_exponent)
-                   for m in vocab_lib.MODALITIES)
+    scheds = tuple(schedules_lib.from_config(d.schedule[m], d) for m in vocab_lib.MODALITIES)
     return cls(scheds, layout.mask, float(d.t_min), d.time_sampling, bool(d.anti_masking),
                float(d.cond_target_only_prob), float(d.cond_drop_prob), d.noise_keys)
 

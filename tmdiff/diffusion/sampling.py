@@ -10,7 +10,7 @@ modality by `logit_bias` ([3, V], 0 allowed / -inf not). Time runs from t = 1 (a
 to t = 0 over `steps` fixed steps; step k goes from t_k = 1 - k/steps to s = 1 - (k+1)/steps;
 the last step reveals whatever is still masked, so no `<mask>` is left.
 
-Methods (`SamplerSettings.method`):
+Methods (`SamplerSettings.method`, each a reveal rule in `REVEAL`):
   ancestral   the exact reverse posterior of the absorbing process: each masked token is
               revealed with probability (alpha_s - alpha_t) / (1 - alpha_t), its value drawn
               from the model's categorical. Optional ReMDM remasking (`remask_eta` > 0):
@@ -50,11 +50,12 @@ conditional one. With scale 1 (or no cond_mask) the loop runs one denoiser pass 
 Cost per step: one denoiser call (two stacked on the batch with guidance) plus a few passes
 over the [B, L, V] logits (bias, temperature, one inverse-CDF draw; top-p adds a 3-10 pass
 search, top-k a lax.top_k); the loop is one `lax.fori_loop` with no host transfer inside.
+Step k's randomness comes from fold_in(key, k), split into draw, reveal, remask and noise keys.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,6 @@ from tmdiff.data import vocab as vocab_lib
 from tmdiff.diffusion import objective as obj_lib
 from tmdiff.diffusion import schedules as schedules_lib
 
-METHODS = ("ancestral", "confidence", "maskgit", "threshold")
 CONFIDENCES = ("sampled", "max_prob")
 NEG_INF = -jnp.inf
 
@@ -88,6 +88,7 @@ class SamplerSettings:
   threshold: float = 0.9           # threshold: reveal positions with confidence above this
   remask_eta: float = 0.0          # ancestral: ReMDM-cap remasking strength, 0 = off
   block_length: int = 0            # semi-autoregressive blocks of masked positions, 0 = off
+  poly_exponent: float = 2.0       # schedule='polynomial': p; from config.diffusion (training's)
 
   def __post_init__(self):
     object.__setattr__(self, "cfg_window", tuple(float(x) for x in self.cfg_window))
@@ -113,6 +114,7 @@ class SamplerSettings:
     need(self.choice_temperature >= 0, "choice_temperature", "must be >= 0")
     need(0 <= self.threshold <= 1, "threshold", f"must be in [0, 1], got {self.threshold}")
     need(self.remask_eta >= 0, "remask_eta", f"must be >= 0, got {self.remask_eta}")
+    need(self.poly_exponent > 0, "poly_exponent", f"must be > 0, got {self.poly_exponent}")
     need(isinstance(self.block_length, int) and self.block_length >= 0, "block_length",
          f"must be an int >= 0 (0 = no blocks), got {self.block_length!r}")
     need(self.remask_eta == 0 or self.method == "ancestral", "remask_eta",
@@ -122,18 +124,21 @@ class SamplerSettings:
     return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-FIELDS = tuple(f.name for f in dataclasses.fields(SamplerSettings))
+# Settings a `config.sampling.<modality>` block holds; schedule parameters (poly_exponent) come
+# from config.diffusion, so sampling uses the schedule the model was trained with.
+FIELDS = tuple(f.name for f in dataclasses.fields(SamplerSettings) if f.name != "poly_exponent")
 
 
-def settings_from_config(sampling_cfg, modality: str) -> SamplerSettings:
-  """SamplerSettings from `config.sampling.<modality>` (text | image | audio)."""
+def settings_from_config(config, modality: str) -> SamplerSettings:
+  """SamplerSettings from `config.sampling.<modality>` (text | image | audio), with the schedule
+  parameters of `config.diffusion`."""
   if modality not in vocab_lib.MODALITIES:
     raise SamplerError(f"unknown modality {modality!r}; choose from {vocab_lib.MODALITIES}")
-  block = sampling_cfg[modality]
+  block = config.sampling[modality]
   values = {k: block[k] for k in FIELDS if k in block}
   if "cfg_window" in values:
     values["cfg_window"] = tuple(values["cfg_window"])
-  return SamplerSettings(**values)
+  return SamplerSettings(**values, poly_exponent=float(config.diffusion.poly_exponent))
 
 
 def logit_bias(layout: vocab_lib.VocabLayout, *, strict: bool = False) -> np.ndarray:
@@ -275,6 +280,87 @@ def _rank_descending(score):
   return jnp.argsort(order, axis=-1, stable=True)
 
 
+# --- reveal rules: which masked positions take their drawn token at a step ------------------
+class Step(NamedTuple):
+  """A step as a reveal rule sees it: [B, L] arrays, and [B, 1] for the block's clock."""
+  j: jax.Array                       # step j of n within the current block
+  n: jax.Array
+  last: jax.Array                    # the block's last step
+  alpha_t: jax.Array                 # alpha at the step's start t and at its end s
+  alpha_s: jax.Array
+  in_block: jax.Array                # the current block's generated positions
+  masked: jax.Array
+  active: jax.Array                  # masked and in the block: may be revealed now
+  score: jax.Array | None            # log confidence of each drawn token; None for ancestral
+  confidence_of_revealed: jax.Array  # remasking: each token's drawn log-probability
+  keys: tuple                        # PRNG keys (reveal, remask, noise)
+
+
+def reveal_ancestral(step: Step, settings: SamplerSettings, values: dict):
+  """Reveal with probability (alpha_s - alpha_t) / (1 - alpha_t); with remasking, remask
+  sigma_t of the block's generated tokens and reveal with (alpha_s - (1 - sigma_t) alpha_t) /
+  (1 - alpha_t). Returns (reveal, remask or None)."""
+  k_reveal, k_remask, _ = step.keys
+  a_t, a_s = step.alpha_t, step.alpha_s
+  remask = None
+  if settings.remask_eta > 0:
+    sigma = jnp.minimum(values["remask_eta"], (1.0 - a_s) / jnp.maximum(a_t, 1e-12))
+    sigma = jnp.where(step.last, 0.0, sigma)
+    remask = _remask_least_confident(step, sigma, k_remask)
+    reveal_prob = (a_s - (1.0 - sigma) * a_t) / (1.0 - a_t)
+  else:
+    reveal_prob = (a_s - a_t) / (1.0 - a_t)
+  reveal_prob = jnp.where(step.last, 1.0, jnp.clip(reveal_prob, 0.0, 1.0))
+  return step.active & (jax.random.uniform(k_reveal, step.masked.shape) < reveal_prob), remask
+
+
+def _remask_least_confident(step: Step, sigma, key):
+  """Which of the block's generated tokens to remask: sigma times their number in expectation,
+  the least confident most likely."""
+  candidates = step.in_block & ~step.masked
+  n_candidates = candidates.sum(-1, keepdims=True)
+  weights = jax.nn.softmax(jnp.where(candidates, -step.confidence_of_revealed, NEG_INF), -1)
+  weights = jnp.where(candidates, weights, 0.0)
+  remask_prob = jnp.clip(sigma * n_candidates * weights, 0.0, 1.0)
+  return candidates & (jax.random.uniform(key, step.masked.shape) < remask_prob)
+
+
+def reveal_most_confident(step: Step, settings: SamplerSettings, values: dict):
+  """The most confident masked positions, leaving floor(n_block (1 - alpha_s)) of the block
+  masked; at least one per step."""
+  rank = _rank_descending(jnp.where(step.active, step.score, NEG_INF))
+  n_masked = step.active.sum(-1, keepdims=True)
+  n_block = step.in_block.sum(-1, keepdims=True)
+  target = jnp.floor(n_block * (1.0 - step.alpha_s) + 1e-4).astype(jnp.int32)
+  target = jnp.where(step.last, 0, jnp.minimum(target, n_block))
+  n_reveal = jnp.maximum(n_masked - target, jnp.minimum(n_masked, 1))
+  return step.active & (rank < n_reveal), None
+
+
+def reveal_maskgit(step: Step, settings: SamplerSettings, values: dict):
+  """reveal_most_confident on scores plus Gumbel noise of scale choice_temperature *
+  (1 - progress)."""
+  score = step.score
+  if settings.choice_temperature > 0:
+    noise_scale = values["choice_temperature"] * (1.0 - (step.j + 1) / step.n)
+    score = score + noise_scale * jax.random.gumbel(step.keys[2], score.shape)
+  return reveal_most_confident(step._replace(score=score), settings, values)
+
+
+def reveal_threshold(step: Step, settings: SamplerSettings, values: dict):
+  """Every masked position whose confidence exceeds `threshold`, and at least the most
+  confident one."""
+  rank = _rank_descending(jnp.where(step.active, step.score, NEG_INF))
+  confident = jnp.exp(step.score) > values["threshold"]
+  return step.active & (confident | (rank < 1) | step.last), None
+
+
+# The methods: (step, static settings, traced values) -> (reveal, remask or None), [B, L] bool.
+REVEAL = {"ancestral": reveal_ancestral, "confidence": reveal_most_confident,
+          "maskgit": reveal_maskgit, "threshold": reveal_threshold}
+METHODS = tuple(REVEAL)
+
+
 # --- the loop --------------------------------------------------------------------------------
 # Settings that only change values, not the program: traced, so sweeps reuse one compilation.
 DYNAMIC = ("steps", "temperature", "top_p", "cfg_scale", "cfg_window", "choice_temperature",
@@ -321,6 +407,22 @@ def block_clock(k, n_blocks, total_steps):
   return block, k - first, n
 
 
+def _draw_and_score(key, logits, settings: SamplerSettings, need_scores: bool):
+  """Drawn ids [B, L], their log-probabilities and the ranking score (both None unless
+  need_scores)."""
+  if settings.temperature == 0:
+    drawn = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    log_norm = jax.nn.logsumexp(logits, axis=-1) if need_scores else None
+  else:
+    drawn, log_norm = draw(key, logits)
+  if not need_scores:
+    return drawn, None, None
+  drawn_log_prob = jnp.take_along_axis(logits, drawn[..., None], axis=-1)[..., 0] - log_norm
+  if settings.confidence == "sampled":
+    return drawn, drawn_log_prob, drawn_log_prob
+  return drawn, drawn_log_prob, jnp.max(logits, axis=-1) - log_norm
+
+
 def _sample_impl(denoise_fn, static: SamplerSettings, mask_id: int, inputs, key, bias, params,
                  values):
   s = static
@@ -333,10 +435,11 @@ def _sample_impl(denoise_fn, static: SamplerSettings, mask_id: int, inputs, key,
   use_guidance = cond_mask is not None and s.cfg_scale != 1.0  # static flag
   cond_mask = (jnp.zeros_like(tokens, bool) if cond_mask is None
                else jnp.asarray(cond_mask).astype(bool))
-  schedule = schedules_lib.make_schedule(s.schedule)
+  schedule = schedules_lib.from_config(s.schedule, s)
   generated = tokens == mask_id                       # positions this call fills
   block_of, n_blocks, total_steps = block_plan(generated, v["steps"], v["block_length"])
   position_bias = None if bias is None else jnp.asarray(bias, jnp.float32)[modality]
+  reveal_rule = REVEAL[s.method]
   remasking = s.method == "ancestral" and s.remask_eta > 0
   need_scores = s.method != "ancestral" or remasking  # ancestral draws need no confidences
 
@@ -344,15 +447,8 @@ def _sample_impl(denoise_fn, static: SamplerSettings, mask_id: int, inputs, key,
     out = denoise_fn(*args) if params is None else denoise_fn(params, *args)
     return out.astype(jnp.float32)
 
-  def step(k, carry):
-    tokens, confidence_of_revealed = carry
-    # Per-row clock of the current block ([B, 1]); without blocks t = 1 - k / steps.
-    block, j, n = block_clock(k, n_blocks, total_steps)
-    t = 1.0 - j / n
-    t_next = 1.0 - (j + 1) / n
-    last = j == n - 1
-    in_block = block_of == block                      # this block's generated positions
-    k_draw, k_reveal, k_remask, k_noise = jax.random.split(jax.random.fold_in(key, k), 4)
+  def step_logits(tokens, t):
+    """Guided (inside cfg_window), biased, tempered and filtered logits [B, L, V]."""
     in_window = (t >= v["cfg_window"][0]) & (t <= v["cfg_window"][1])
     scale = jnp.where(in_window, v["cfg_scale"], 1.0)[..., None]
     logits = guided_logits(call_denoiser, tokens, positions, segment_ids, modality, cond_mask,
@@ -361,59 +457,24 @@ def _sample_impl(denoise_fn, static: SamplerSettings, mask_id: int, inputs, key,
       logits = logits + position_bias
     if s.temperature > 0:  # static: greedy decoding ignores the temperature
       logits = logits / v["temperature"]
-    logits = filter_logits(logits, top_k=s.top_k,
-                           top_p=v["top_p"] if s.top_p < 1.0 else 1.0)
-    if s.temperature == 0:
-      drawn = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-      log_norm = jax.nn.logsumexp(logits, axis=-1) if need_scores else None
-    else:
-      drawn, log_norm = draw(k_draw, logits)
-    if need_scores:
-      drawn_log_prob = jnp.take_along_axis(logits, drawn[..., None], axis=-1)[..., 0] - log_norm
-      if s.confidence == "sampled":
-        score = drawn_log_prob
-      else:
-        score = jnp.max(logits, axis=-1) - log_norm
+    return filter_logits(logits, top_k=s.top_k, top_p=v["top_p"] if s.top_p < 1.0 else 1.0)
+
+  def step(k, carry):
+    tokens, confidence_of_revealed = carry
+    # Per-row clock of the current block ([B, 1]); without blocks t = 1 - k / steps.
+    block, j, n = block_clock(k, n_blocks, total_steps)
+    t, t_next = 1.0 - j / n, 1.0 - (j + 1) / n
+    k_draw, k_reveal, k_remask, k_noise = jax.random.split(jax.random.fold_in(key, k), 4)
+    drawn, drawn_log_prob, score = _draw_and_score(k_draw, step_logits(tokens, t), s,
+                                                   need_scores)
     masked = tokens == mask_id
-    active = masked & in_block                        # may be revealed this step
-    remask = None
-
-    if s.method == "ancestral":
-      alpha_t, alpha_s = schedule.alpha(t), schedule.alpha(t_next)
-      if remasking:
-        sigma = jnp.minimum(v["remask_eta"], (1.0 - alpha_s) / jnp.maximum(alpha_t, 1e-12))
-        sigma = jnp.where(last, 0.0, sigma)
-        # Spread the expected sigma * n remasks towards the block's least confident tokens.
-        candidates = in_block & ~masked
-        n_candidates = candidates.sum(-1, keepdims=True)
-        weights = jax.nn.softmax(jnp.where(candidates, -confidence_of_revealed, NEG_INF), -1)
-        weights = jnp.where(candidates, weights, 0.0)
-        remask_prob = jnp.clip(sigma * n_candidates * weights, 0.0, 1.0)
-        remask = candidates & (jax.random.uniform(k_remask, masked.shape) < remask_prob)
-        reveal_prob = (alpha_s - (1.0 - sigma) * alpha_t) / (1.0 - alpha_t)
-      else:
-        reveal_prob = (alpha_s - alpha_t) / (1.0 - alpha_t)
-      reveal_prob = jnp.where(last, 1.0, jnp.clip(reveal_prob, 0.0, 1.0))
-      reveal = active & (jax.random.uniform(k_reveal, masked.shape) < reveal_prob)
-    else:
-      if s.method == "maskgit" and s.choice_temperature > 0:
-        noise_scale = v["choice_temperature"] * (1.0 - (j + 1) / n)
-        score = score + noise_scale * jax.random.gumbel(k_noise, score.shape)
-      rank = _rank_descending(jnp.where(active, score, NEG_INF))
-      n_masked = active.sum(-1, keepdims=True)
-      if s.method == "threshold":
-        confident = jnp.exp(score) > v["threshold"]
-        reveal = active & (confident | (rank < 1) | last)
-      else:
-        # The block's masked count after this step follows 1 - alpha(s); at least one per step.
-        n_block = in_block.sum(-1, keepdims=True)
-        target = jnp.floor(n_block * (1.0 - schedule.alpha(t_next)) + 1e-4).astype(jnp.int32)
-        target = jnp.where(last, 0, jnp.minimum(target, n_block))
-        n_reveal = jnp.maximum(n_masked - target, jnp.minimum(n_masked, 1))
-        reveal = active & (rank < n_reveal)
-
+    in_block = block_of == block
+    reveal, remask = reveal_rule(Step(
+        j=j, n=n, last=j == n - 1, alpha_t=schedule.alpha(t), alpha_s=schedule.alpha(t_next),
+        in_block=in_block, masked=masked, active=masked & in_block, score=score,
+        confidence_of_revealed=confidence_of_revealed, keys=(k_reveal, k_remask, k_noise)), s, v)
     tokens = jnp.where(reveal, drawn, tokens)
-    if remasking:
+    if remask is not None:
       tokens = jnp.where(remask, mask_id, tokens)
       confidence_of_revealed = jnp.where(reveal, drawn_log_prob, confidence_of_revealed)
     return tokens, confidence_of_revealed
@@ -453,7 +514,7 @@ def sample(denoise_fn: Callable, inputs: dict, key, settings: SamplerSettings, *
 def reveal_step_probabilities(settings: SamplerSettings) -> np.ndarray:
   """[steps] probability that ancestral sampling reveals a given masked token at step k
   (no remasking); tests use it to predict the joint of tokens revealed in the same step."""
-  schedule = schedules_lib.make_schedule(settings.schedule)
+  schedule = schedules_lib.from_config(settings.schedule, settings)
   still_masked, out = 1.0, []
   for k in range(settings.steps):
     t, t_next = 1.0 - k / settings.steps, 1.0 - (k + 1) / settings.steps

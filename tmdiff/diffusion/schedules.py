@@ -41,7 +41,9 @@ class Linear(Schedule):
 
 @dataclasses.dataclass(frozen=True)
 class Cosine(Schedule):
-  """alpha = 1 - cos(pi/2 (1 - t)): masks slowly at first, fast near t = 1."""
+  """alpha = 1 - cos(pi/2 (1 - t)): the masked fraction sin(pi t / 2) rises faster than linear
+  at first (0.156 at t = 0.1, against 0.1) and flattens near t = 1 (0.988 at t = 0.9). Sampling
+  (t from 1 to 0) thus reveals few tokens in its first steps and many in its last (MaskGIT)."""
   name = "cosine"
 
   def alpha(self, t):
@@ -107,18 +109,20 @@ class Geometric(Schedule):
     return sigma * math.log(self.sigma_max / self.sigma_min) / jnp.expm1(sigma)
 
 
-SCHEDULES = ("linear", "cosine", "polynomial", "loglinear", "geometric")
+# The registry: config names are the classes' `name`s; validators take SCHEDULES from here.
+BY_NAME = {cls.name: cls for cls in (Linear, Cosine, Polynomial, LogLinear, Geometric)}
+SCHEDULES = tuple(BY_NAME)
 
 
 def make_schedule(name: str, *, poly_exponent: float = 2.0) -> Schedule:
-  if name == "linear":
-    return Linear()
-  if name == "cosine":
-    return Cosine()
-  if name == "polynomial":
+  if name not in BY_NAME:
+    raise ValueError(f"unknown schedule {name!r}; choose from {SCHEDULES}")
+  if BY_NAME[name] is Polynomial:
     return Polynomial(poly_exponent)
-  if name == "loglinear":
-    return LogLinear()
-  if name == "geometric":
-    return Geometric()
-  raise ValueError(f"unknown schedule {name!r}; choose from {SCHEDULES}")
+  return BY_NAME[name]()
+
+
+def from_config(name: str, params) -> Schedule:
+  """Schedule `name` with the parameters the model was trained with. `params`: config.diffusion,
+  or SamplerSettings (which carry them from there), anything with a `poly_exponent`."""
+  return make_schedule(name, poly_exponent=float(params.poly_exponent))

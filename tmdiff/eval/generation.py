@@ -82,7 +82,7 @@ def restore(workdir: str, *, step: int | None = None, data_dir: str | None = Non
 
 def settings_for(run: Restored, modality: str, overrides: dict | None = None):
   from tmdiff.diffusion import sampling
-  return sampling.settings_from_config(run.config.sampling, modality).replace(
+  return sampling.settings_from_config(run.config, modality).replace(
       **(overrides or {}))
 
 

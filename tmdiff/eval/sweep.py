@@ -65,6 +65,7 @@ def sweep(workdir: str, modality: str, *, grid: list[dict] | None = None, quick:
           first_prompt: int = 0) -> dict:
   """Scores every candidate; writes the table, the JSON and the winner's defaults."""
   from tmdiff import sample as sample_lib
+  from tmdiff.diffusion import sampling
   from tmdiff.eval import generation, judges
   if modality not in MODALITY_TASK:
     raise generation.EvalError(f"unknown --modality {modality!r}; choose from "
@@ -88,7 +89,8 @@ def sweep(workdir: str, modality: str, *, grid: list[dict] | None = None, quick:
     result = getattr(generation, f"{task}_task")(run, judge, num=num_samples, settings=settings,
                                                  seed=seed, batch_size=batch_size, **prompts)
     score, rejected = score_of(modality, result["metrics"], entropy_floor)
-    results.append({"overrides": overrides, "settings": dataclasses.asdict(settings),
+    block = {k: v for k, v in dataclasses.asdict(settings).items() if k in sampling.FIELDS}
+    results.append({"overrides": overrides, "settings": block,
                     "metrics": result["metrics"], "score": score, "rejected": rejected,
                     "seconds": round(time.time() - started, 1)})
     logging.info("sweep %s %d/%d %s: score %.4f%s", modality, i + 1, len(grid), overrides,
