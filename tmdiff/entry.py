@@ -52,9 +52,31 @@ def message(e: BaseException) -> str:
   return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def error_line(prog: str, e: BaseException, hint: str = "") -> str:
+  """What a user error prints: one line."""
+  return f"{prog}: {type(e).__name__}: {message(e)}{hint}"
+
+
 def fail(prog: str, e: BaseException, hint: str = "") -> None:
-  print(f"{prog}: {type(e).__name__}: {message(e)}{hint}", file=sys.stderr)
+  print(error_line(prog, e, hint), file=sys.stderr)
   sys.exit(USAGE_ERROR)
+
+
+def parse_error_hint(e: BaseException, argv) -> str:
+  """Where to look after a failed flag parse: --helpfull for a flag error; for a
+  --config.key=value the config does not accept, that argument."""
+  if isinstance(e, flags.Error):
+    return " (see --helpfull)"
+  text = message(e)
+  quoted = re.match(r"'([^']+)'", text)  # ml_collections: 'stepz'; Did you mean "steps"...
+  overrides = {a: a.split("=", 1)[0].split(".", 1)[1] for a in argv[1:] if re.match(r"--?\w+\.", a)}
+  culprit = ([a for a, key in overrides.items()
+              if quoted and re.search(rf"(^|\.){re.escape(quoted[1])}\b", key)]
+             or [a for a, key in overrides.items() if key in text]
+             or [a for a, key in overrides.items()
+                 if re.search(rf"\b{re.escape(key.rsplit('.', 1)[-1])}\b", text)]
+             or (list(overrides) if len(overrides) == 1 else []))
+  return f" (in {culprit[0]})" if culprit else ""
 
 
 def run_app(main, prog: str, user_errors: tuple = ()) -> None:
@@ -66,11 +88,7 @@ def run_app(main, prog: str, user_errors: tuple = ()) -> None:
     except Exception as e:  # a flag or a --config.key=value the config does not accept
       if verbose(argv):
         raise
-      if isinstance(e, flags.Error):
-        fail(prog, e, " (see --helpfull)")
-      key = re.match(r"'([^']+)'", message(e))
-      culprit = [a for a in argv[1:] if key and re.search(rf"\.{re.escape(key.group(1))}\b", a)]
-      fail(prog, e, f" (in {culprit[0]})" if culprit else "")
+      fail(prog, e, parse_error_hint(e, argv))
 
   def guarded(argv):
     quiet_library_logs()

@@ -78,14 +78,14 @@ def derive(config) -> Hyperparams:
   critical_batch = None
   if sde.enabled:
     if train.tokens <= 0:
-      raise ConfigError("sde.enabled needs the token horizon train.tokens > 0")
+      raise ConfigError("config.sde.enabled: needs the token horizon config.train.tokens > 0")
     kappa = sde_kappa(batch, horizon, sde.batch_base, sde.tokens_base, sde.gamma)
     lr, beta1, beta2, eps = reparameterise(optim.lr, optim.beta1, optim.beta2, optim.eps, kappa)
     if sde.critical_steps > 0:
       critical_batch = horizon / (seq_len * sde.critical_steps)
       if batch > critical_batch:
         raise ConfigError(
-            f"data.global_batch={batch} is above the critical batch {critical_batch:.1f} "
+            f"config.data.global_batch: {batch} is above the critical batch {critical_batch:.1f} "
             f"(= train.tokens / (data.seq_len * sde.critical_steps) = {horizon:,} / "
             f"({seq_len} * {sde.critical_steps})): the SDE reparameterisation does not hold "
             f"there; use a batch <= {math.floor(critical_batch)} or a longer horizon")
