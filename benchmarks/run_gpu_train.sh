@@ -4,8 +4,8 @@
 #   peer    ~1B ladder point (d2048, 22 layers, GQA 4) on 1 GPU: JAX per backend, then PyTorch
 #   scale   the same point with FSDP on 1, 2, 4 GPUs (as many as there are; 8 rows per GPU),
 #           then the 3B point with FSDP over all GPUs
-#   scan    scanned layers: the 1B point (profiled) beside the PyTorch peer, an XLA flag bundle,
-#           the 3B point for 20 steps with remat, and compile time at 8 and 44 layers
+#   scan    scanned layers: the 1B point (profiled) beside the PyTorch peer, the 3B point for
+#           20 steps with remat, and compile time at 8, 22 and 44 layers
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD:$PYTHONPATH
 export NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
@@ -40,17 +40,18 @@ scale)
   $PY benchmarks/train_step_bench.py $THREE_B --batch=$((4 * gpus)) --fsdp=$gpus --steps=5 --remat=block \
     --attention=cudnn 2>&1 | log scale ;;
 scan)
+  set -o pipefail
   bench="timeout 200 $PY benchmarks/train_step_bench.py --attention=cudnn --scan_layers"
-  echo "== 1B scanned, profiled" | log scan
-  CUDA_VISIBLE_DEVICES=0 $bench $ONE_B --batch=8 --steps=10 --profile=/tmp/trace 2>&1 | log scan
+  echo "== 1B scanned, remat dots, profiled" | log scan
+  CUDA_VISIBLE_DEVICES=0 $bench $ONE_B --batch=8 --steps=10 --remat=dots --profile=/tmp/trace 2>&1 | log scan
   echo "== PyTorch peer" | log scan
   CUDA_VISIBLE_DEVICES=0 timeout 200 $PY benchmarks/torch_peer.py $ONE_B --batch=8 --steps=10 2>&1 | log scan
-  echo "== 3B scanned, remat ${REMAT3B:-dots}" | log scan
-  CUDA_VISIBLE_DEVICES=0 $bench $THREE_B --batch=8 --steps=20 --remat=${REMAT3B:-dots} 2>&1 | log scan
-  for n in 8 44; do
-    echo "== 1B shape, $n layers, scanned" | log scan
-    CUDA_VISIBLE_DEVICES=0 $bench ${ONE_B/--n_layers=22/--n_layers=$n} --batch=8 --steps=3 2>&1 | log scan
-  done
-  echo "== 1B scanned, XLA flags: $SCAN_FLAGS" | log scan
-  CUDA_VISIBLE_DEVICES=0 XLA_FLAGS="$SCAN_FLAGS" $bench $ONE_B --batch=8 --steps=10 2>&1 | log scan ;;
+  echo "== 3B scanned, 20 steps, remat dots (block if dots does not fit)" | log scan
+  CUDA_VISIBLE_DEVICES=0 $bench $THREE_B --batch=8 --steps=20 --remat=dots 2>&1 | log scan ||
+    CUDA_VISIBLE_DEVICES=0 $bench $THREE_B --batch=8 --steps=20 --remat=block 2>&1 | log scan
+  for n in 8 22 44; do  # compile time against depth
+    echo "== 1B shape, $n layers, scanned, remat ${REMAT:-dots}" | log scan
+    CUDA_VISIBLE_DEVICES=0 $bench ${ONE_B/--n_layers=22/--n_layers=$n} --batch=8 --steps=3 \
+      --remat=${REMAT:-dots} 2>&1 | log scan
+  done ;;
 esac; done
