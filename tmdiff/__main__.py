@@ -4,6 +4,7 @@
   tmdiff train --config=experiments/tiny.py:runs/data --workdir=runs/tiny
   tmdiff sample --workdir=runs/tiny --task=t2i --prompt="one shape: large red circle center." --out=a.png
   tmdiff eval --workdir=runs/tiny
+  tmdiff plot --workdir=runs/tiny
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ COMMANDS = {
     "sweep": ("tmdiff.eval.sweep", "sweep sampler settings on a checkpoint"),
     "ladder": ("tmdiff.scaling.ladder", "plan and run a scaling ladder"),
     "fit": ("tmdiff.scaling.fit", "fit scaling laws to collected runs"),
+    "plot": ("tmdiff.tools.plot_metrics", "draw a workdir's training curves as a PNG"),
 }
 
 
