@@ -182,6 +182,48 @@ def caption_of(objects: list[dict]) -> str:
   return f"{COUNT_WORDS.get(n, str(n))} shape{'s' if n > 1 else ''}: " + ", ".join(parts) + "."
 
 
+CAPTION_GRAMMAR = (
+    "COUNT shape(s): OBJECT, OBJECT, ... .  COUNT: " + " | ".join(COUNT_WORDS.values()) +
+    " (the number of objects); OBJECT: SIZE COLOUR SHAPE POSITION, each position once, listed "
+    "row by row from the top left.  SIZE: " + " | ".join(SIZES) + "; COLOUR: " +
+    " | ".join(COLOURS) + "; SHAPE: " + " | ".join(SHAPES) + "; POSITION: " +
+    " | ".join(POSITIONS) + ".  Examples: 'one shape: large red circle center.'  "
+    "'two shapes: small blue square top left, large yellow triangle bottom right.'")
+
+
+def caption_problems(caption: str) -> list[str]:
+  """How `caption` departs from the procedural images' caption grammar (CAPTION_GRAMMAR);
+  empty when a drawn image could carry it."""
+  m = re.fullmatch(r"(\w+) shapes?: (.+)\.", caption.strip())
+  if not m:
+    return ["not of the form 'COUNT shape(s): OBJECT, ... .'"]
+  problems = []
+  parts = [p.strip() for p in m[2].split(",")]
+  counts = {w: n for n, w in COUNT_WORDS.items()}
+  if counts.get(m[1]) != len(parts):
+    problems.append(f"count {m[1]!r} does not match the {len(parts)} object(s) listed")
+  if (len(parts) > 1) != caption.strip().split(":")[0].endswith("shapes"):
+    problems.append("'shape' is plural exactly when there are several objects")
+  cells = []
+  for part in parts:
+    words = part.split(" ", 3)
+    if len(words) < 4:
+      problems.append(f"{part!r}: needs SIZE COLOUR SHAPE POSITION")
+      continue
+    size, colour, shape, position = words
+    for value, known, what in ((size, SIZES, "size"), (colour, COLOURS, "colour"),
+                               (shape, SHAPES, "shape"), (position, POSITIONS, "position")):
+      if value not in known:
+        problems.append(f"{part!r}: unknown {what} {value!r}")
+    if position in POSITIONS:
+      cells.append(POSITIONS[position])
+  if len(set(cells)) < len(cells):
+    problems.append("a position appears twice")
+  elif cells != sorted(cells):
+    problems.append("objects are listed row by row from the top left")
+  return problems
+
+
 def draw_image(rng: np.random.Generator, spec: ImageSpec = ImageSpec()) -> tuple[np.ndarray, str, dict]:
   """One image: (HxWx3 uint8, caption, attributes {"count", "objects": [...]})."""
   s = spec.size
