@@ -416,8 +416,7 @@ def test_moved_data_dir_trains_samples_and_evaluates_offline(prepared_run, tmp_p
   from offline_host import offline_host
   from tmdiff import sample as sample_lib
   from tmdiff.data import records
-  from tmdiff.data.tokenizers import load_tokenizer
-  from tmdiff.eval import judges
+  from tmdiff.data.tokenizers import load_prepared, load_tokenizer
   from tmdiff.eval.__main__ import run_eval
   from tmdiff.train import loop
   fixture_data, _ = prepared_run
@@ -433,7 +432,7 @@ def test_moved_data_dir_trains_samples_and_evaluates_offline(prepared_run, tmp_p
   # What the moved dir's tokenizers encode equals the fixture dir's, read by explicit path.
   reference = _encodings({m: load_tokenizer(os.path.join(fixture_data, "tokenizers", m))
                           for m in ("text", "image")}, "To be, or not to be", _image())
-  got = _encodings(judges.load_tokenizers(str(moved)), "To be, or not to be", _image())
+  got = _encodings(load_prepared(str(moved)), "To be, or not to be", _image())
   for k in reference:
     np.testing.assert_array_equal(got[k], reference[k])
 
@@ -466,8 +465,7 @@ def test_old_manifest_with_absolute_tokenizer_paths(prepared_run, tmp_path):
   import shutil
 
   from tmdiff.data import records
-  from tmdiff.data.tokenizers import load_tokenizer
-  from tmdiff.eval import judges
+  from tmdiff.data.tokenizers import load_prepared, load_tokenizer
   from tmdiff.eval.__main__ import run_eval
   fixture_data, workdir = prepared_run
   data = tmp_path / "copied"
@@ -484,11 +482,11 @@ def test_old_manifest_with_absolute_tokenizer_paths(prepared_run, tmp_path):
   assert manifest.tokenizer_dir(str(data), "image") == str(data / "tokenizers" / "image")
   assert manifest.tokenizer_dir(str(data), "audio") is None
   reference = load_tokenizer(os.path.join(fixture_data, "tokenizers", "image"))
-  np.testing.assert_array_equal(judges.load_tokenizers(str(data))["image"].encode(_image()),
+  np.testing.assert_array_equal(load_prepared(str(data))["image"].encode(_image()),
                                 reference.encode(_image()))
   shutil.rmtree(data / "tokenizers" / "image")
   with pytest.raises(records.RecordError) as e:
-    judges.load_tokenizers(str(data))
+    load_prepared(str(data))
   message = str(e.value)
   assert "\n" not in message and "image tokenizer" in message and str(path) in message
   assert f"{elsewhere}/image" in message

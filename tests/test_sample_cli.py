@@ -99,10 +99,10 @@ def test_png_writer_round_trips(tmp_path):
   import struct
   import zlib
 
-  from tmdiff import sample as sample_cli
+  from tmdiff.data.tokenizers import image as image_lib
   image = np.random.default_rng(0).integers(0, 256, (5, 7, 3)).astype(np.uint8)
   path = str(tmp_path / "x.png")
-  sample_cli.write_png(path, image)
+  image_lib.write_png(path, image)
   data = open(path, "rb").read()
   assert data[:8] == b"\x89PNG\r\n\x1a\n"
   width, height = struct.unpack(">II", data[16:24])
@@ -113,7 +113,7 @@ def test_png_writer_round_trips(tmp_path):
   rows = np.frombuffer(raw, np.uint8).reshape(5, 1 + 7 * 3)
   assert np.all(rows[:, 0] == 0)
   np.testing.assert_array_equal(rows[:, 1:].reshape(5, 7, 3), image)
-  grid = sample_cli.image_grid(np.stack([image] * 3), scale=2)
+  grid = image_lib.image_grid(np.stack([image] * 3), scale=2)
   assert grid.shape == (2 * 10 + 2, 2 * 14 + 2, 3)
 
 

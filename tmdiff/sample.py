@@ -22,9 +22,7 @@ import contextlib
 import dataclasses
 import json
 import os
-import struct
 import time
-import zlib
 
 import numpy as np
 from absl import app, flags, logging
@@ -201,36 +199,6 @@ def build_prompt(task: str, text: str, layout, text_tokenizer, *, length: int,
 
 
 # --- outputs ---------------------------------------------------------------------------------
-def write_png(path: str, image: np.ndarray) -> None:
-  """HxWx3 uint8 -> an 8-bit RGB PNG (zlib + struct; no imaging library needed)."""
-  image = np.ascontiguousarray(image, np.uint8)
-  if image.ndim != 3 or image.shape[2] != 3:
-    raise ValueError(f"write_png wants HxWx3 uint8, got shape {image.shape}")
-  height, width, _ = image.shape
-  raw = b"".join(b"\x00" + image[y].tobytes() for y in range(height))  # filter type 0 per row
-
-  def chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-  header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-  with open(path, "wb") as f:
-    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
-
-def image_grid(images: np.ndarray, scale: int = 1, gap: int = 2) -> np.ndarray:
-  """[N, H, W, 3] -> one image, ceil(sqrt(N)) columns, white gaps, nearest upscaling."""
-  images = np.repeat(np.repeat(images, scale, axis=1), scale, axis=2)
-  n, h, w, _ = images.shape
-  cols = int(np.ceil(np.sqrt(n)))
-  rows = -(-n // cols)
-  grid = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, np.uint8)
-  for i, img in enumerate(images):
-    r, c = divmod(i, cols)
-    grid[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = img
-  return grid
-
-
 def decode_text(ids: np.ndarray, layout, text_tokenizer) -> str:
   """Text ids up to the first <eos>; other special tokens are dropped."""
   from tmdiff.data import vocab as vocab_lib
@@ -293,13 +261,11 @@ def run(workdir: str, task: str, prompt_text: str, out: str, *, num: int = 1, se
   manifest = records.Manifest.load(data_dir)
   needed = {"text": ("text",), "infill": ("text",), "t2i": ("text", "image"),
             "t2s": ("text", "audio")}[task]
-  toks = {}
+  toks = tokenizers.load_prepared(data_dir, needed)
   for name in needed:
-    path = manifest.tokenizer_dir(data_dir, name)
-    if path is None:
+    if name not in toks:
       raise SampleError(f"{data_dir}/{records.MANIFEST} lists no {name} tokenizer (got "
                         f"{manifest.tokenizers.get(name)!r}); prepare the data with one")
-    toks[name] = tokenizers.load_tokenizer(path)
 
   image_tokens = int(toks["image"].tokens_per_image) if "image" in toks else 0
   if task == "t2s":
@@ -357,9 +323,10 @@ def run(workdir: str, task: str, prompt_text: str, out: str, *, num: int = 1, se
         f.write(text.rstrip("\n") + "\n")
     written.append(out)
   elif task == "t2i":
+    from tmdiff.data.tokenizers import image as image_lib
     images = np.stack([toks["image"].decode(layout.to_local(row, vocab_lib.IMAGE))
                        for row in generated])
-    write_png(out, image_grid(images, scale=png_scale))
+    image_lib.write_png(out, image_lib.image_grid(images, scale=png_scale))
     written.append(out)
   else:
     from tmdiff.data.tokenizers import audio as audio_lib

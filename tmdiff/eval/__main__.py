@@ -118,7 +118,7 @@ def _judge(run, name: str, settings: dict):
 
 
 def _write_samples(task: str, result: dict, out: str) -> dict:
-  from tmdiff import sample as sample_lib
+  from tmdiff.data.tokenizers import image as image_lib
   if task == "text":
     path = os.path.join(out, "text_samples.txt")
     with open(path, "w") as f:
@@ -127,7 +127,7 @@ def _write_samples(task: str, result: dict, out: str) -> dict:
     return {"file": path, "texts": result["texts"]}
   if task == "t2i":
     path = os.path.join(out, "t2i_grid.png")
-    sample_lib.write_png(path, sample_lib.image_grid(result["images"], scale=4))
+    image_lib.write_png(path, image_lib.image_grid(result["images"], scale=4))
     return {"file": path, "captions": result["captions"], "all_attributes_match": result["match"]}
   from tmdiff.data.tokenizers import audio as audio_lib
   folder = os.path.join(out, "t2s")

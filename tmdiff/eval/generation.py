@@ -53,7 +53,7 @@ def restore(workdir: str, *, step: int | None = None, data_dir: str | None = Non
             devices=None) -> Restored:
   """The checkpoint's config and parameters on a data-parallel mesh of `devices` (all)."""
   from tmdiff import sample as sample_lib
-  from tmdiff.eval import judges as judges_lib
+  from tmdiff.data import tokenizers
   from tmdiff.train import checkpoint
   from tmdiff.train.trainer import Trainer, make_mesh
   if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
@@ -75,7 +75,7 @@ def restore(workdir: str, *, step: int | None = None, data_dir: str | None = Non
   trainer = Trainer(config, make_mesh(config, devices))
   restored_step, params = checkpoint.restore_params(workdir, trainer.abstract_state["params"],
                                                     step=step)
-  toks = judges_lib.load_tokenizers(resolved) if resolved else {}
+  toks = tokenizers.load_prepared(resolved) if resolved else {}
   return Restored(workdir, int(restored_step), config, trainer, params,
                   vocab_lib.VocabLayout.from_config(config.vocab), resolved, toks, tuned)
 
