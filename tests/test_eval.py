@@ -325,21 +325,22 @@ def test_eval_cli_end_to_end_and_batch_invariance(prepared_run, tmp_path):
 
 
 def test_sweep_writes_defaults_that_eval_and_sample_apply(prepared_run, tmp_path):
-  from tmdiff import sample as sample_lib
+  from tmdiff.diffusion.prompts import SampleError
   from tmdiff.eval import generation, sweep
+  from tmdiff.train import restore
   data, workdir = prepared_run
   report = sweep.sweep(workdir, "image", grid=[{}, {"steps": 4}],
                        num_samples=3, batch_size=1, out=str(tmp_path),
                        judge_settings=JUDGE_SETTINGS, devices=jax.devices()[:1])
   assert len(report["results"]) == 2 and (tmp_path / "sweep_image.md").exists()
-  path = os.path.join(workdir, sample_lib.SAMPLING_DEFAULTS_FILE)
+  path = os.path.join(workdir, restore.SAMPLING_DEFAULTS_FILE)
   tuned = json.load(open(path))
   assert tuned["image"] == json.loads(json.dumps(report["best_settings"]))
   try:
     run = generation.restore(workdir, devices=jax.devices()[:1])
     assert generation.settings_for(run, "image").steps == report["best_settings"]["steps"]
     json.dump({"image": {"stepz": 3}}, open(path, "w"))
-    with pytest.raises(sample_lib.SampleError, match="stepz"):
+    with pytest.raises(SampleError, match="stepz"):
       generation.restore(workdir, devices=jax.devices()[:1])
   finally:
     os.remove(path)

@@ -29,7 +29,6 @@ import time
 from absl import logging
 
 PARTS = ("elbo", "text", "t2i", "t2s")
-TASK_MODALITY = {"text": "text", "t2i": "image", "t2s": "audio"}
 TASK_JUDGE = {"text": "text", "t2i": "image", "t2s": "speech"}
 
 
@@ -41,6 +40,7 @@ def run_eval(workdir: str, *, step: int | None = None, data_dir: str | None = No
 
   `judge_settings` ({judge: {setting: value}}) overrides judge training settings (tests)."""
   from tmdiff.data.sources import SourceError
+  from tmdiff.diffusion.prompts import TASK_MODALITY
   from tmdiff.eval import elbo as elbo_lib
   from tmdiff.eval import generation
   from tmdiff.eval.judges import JudgeError
@@ -184,10 +184,10 @@ def main(argv=None) -> None:
   from tmdiff.data.pipeline import DataConfigError
   from tmdiff.data.records import RecordError
   from tmdiff.data.tokenizers import TokenizerLoadError
+  from tmdiff.diffusion.prompts import SampleError
   from tmdiff.diffusion.sampling import SamplerError
   from tmdiff.eval.generation import EvalError
   from tmdiff.eval.judges import JudgeError
-  from tmdiff.sample import SampleError
   from tmdiff.train.checkpoint import CheckpointError
   parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
   try:
