@@ -39,11 +39,11 @@ from tmdiff.configs import validate as validate_lib
 from tmdiff.data import vocab as vocab_lib
 from tmdiff.diffusion import sampling
 from tmdiff.model.transformer import Transformer
-from tmdiff.sample import model_denoiser
 from tmdiff.train import flops as flops_lib
+from tmdiff.train.restore import model_denoiser
 from tmdiff.train.trainer import Trainer, make_mesh
 
-# Own flag registry: tmdiff.sample (imported for its model denoiser) defines CLI flags too.
+# Own flag registry, apart from the global one that the tmdiff commands define their flags in.
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/tiny.py", "experiment file[:arg]",
                                           flag_values=FLAGS)

@@ -325,21 +325,22 @@ def test_eval_cli_end_to_end_and_batch_invariance(prepared_run, tmp_path):
 
 
 def test_sweep_writes_defaults_that_eval_and_sample_apply(prepared_run, tmp_path):
-  from tmdiff import sample as sample_lib
+  from tmdiff.diffusion.prompts import SampleError
   from tmdiff.eval import generation, sweep
+  from tmdiff.train import restore
   data, workdir = prepared_run
   report = sweep.sweep(workdir, "image", grid=[{}, {"steps": 4}],
                        num_samples=3, batch_size=1, out=str(tmp_path),
                        judge_settings=JUDGE_SETTINGS, devices=jax.devices()[:1])
   assert len(report["results"]) == 2 and (tmp_path / "sweep_image.md").exists()
-  path = os.path.join(workdir, sample_lib.SAMPLING_DEFAULTS_FILE)
+  path = os.path.join(workdir, restore.SAMPLING_DEFAULTS_FILE)
   tuned = json.load(open(path))
   assert tuned["image"] == json.loads(json.dumps(report["best_settings"]))
   try:
     run = generation.restore(workdir, devices=jax.devices()[:1])
     assert generation.settings_for(run, "image").steps == report["best_settings"]["steps"]
     json.dump({"image": {"stepz": 3}}, open(path, "w"))
-    with pytest.raises(sample_lib.SampleError, match="stepz"):
+    with pytest.raises(SampleError, match="stepz"):
       generation.restore(workdir, devices=jax.devices()[:1])
   finally:
     os.remove(path)
@@ -416,8 +417,7 @@ def test_moved_data_dir_trains_samples_and_evaluates_offline(prepared_run, tmp_p
   from offline_host import offline_host
   from tmdiff import sample as sample_lib
   from tmdiff.data import records
-  from tmdiff.data.tokenizers import load_tokenizer
-  from tmdiff.eval import judges
+  from tmdiff.data.tokenizers import load_prepared, load_tokenizer
   from tmdiff.eval.__main__ import run_eval
   from tmdiff.train import loop
   fixture_data, _ = prepared_run
@@ -433,7 +433,7 @@ def test_moved_data_dir_trains_samples_and_evaluates_offline(prepared_run, tmp_p
   # What the moved dir's tokenizers encode equals the fixture dir's, read by explicit path.
   reference = _encodings({m: load_tokenizer(os.path.join(fixture_data, "tokenizers", m))
                           for m in ("text", "image")}, "To be, or not to be", _image())
-  got = _encodings(judges.load_tokenizers(str(moved)), "To be, or not to be", _image())
+  got = _encodings(load_prepared(str(moved)), "To be, or not to be", _image())
   for k in reference:
     np.testing.assert_array_equal(got[k], reference[k])
 
@@ -466,8 +466,7 @@ def test_old_manifest_with_absolute_tokenizer_paths(prepared_run, tmp_path):
   import shutil
 
   from tmdiff.data import records
-  from tmdiff.data.tokenizers import load_tokenizer
-  from tmdiff.eval import judges
+  from tmdiff.data.tokenizers import load_prepared, load_tokenizer
   from tmdiff.eval.__main__ import run_eval
   fixture_data, workdir = prepared_run
   data = tmp_path / "copied"
@@ -484,11 +483,11 @@ def test_old_manifest_with_absolute_tokenizer_paths(prepared_run, tmp_path):
   assert manifest.tokenizer_dir(str(data), "image") == str(data / "tokenizers" / "image")
   assert manifest.tokenizer_dir(str(data), "audio") is None
   reference = load_tokenizer(os.path.join(fixture_data, "tokenizers", "image"))
-  np.testing.assert_array_equal(judges.load_tokenizers(str(data))["image"].encode(_image()),
+  np.testing.assert_array_equal(load_prepared(str(data))["image"].encode(_image()),
                                 reference.encode(_image()))
   shutil.rmtree(data / "tokenizers" / "image")
   with pytest.raises(records.RecordError) as e:
-    judges.load_tokenizers(str(data))
+    load_prepared(str(data))
   message = str(e.value)
   assert "\n" not in message and "image tokenizer" in message and str(path) in message
   assert f"{elsewhere}/image" in message

@@ -26,8 +26,9 @@ def test_model_sampling_on_one_device_and_a_data_mesh_of_eight():
   import flax.linen as nn
   from flax import nnx
 
-  from tmdiff import sample as sample_cli
+  from tmdiff.diffusion import prompts
   from tmdiff.model.transformer import Transformer
+  from tmdiff.train import restore
   from tmdiff.train.trainer import Trainer, make_mesh
   c = get_base_config()
   c.model.d_model, c.model.n_layers, c.model.d_ff, c.model.base_width = 32, 1, 64, 32
@@ -35,8 +36,8 @@ def test_model_sampling_on_one_device_and_a_data_mesh_of_eight():
   c.model.dtype = "float32"
   c.vocab.text_size, c.vocab.image_size, c.vocab.audio_size = 64, 32, 32
   layout = vocab_lib.VocabLayout.from_config(c.vocab)
-  prompt = sample_cli.build_prompt("t2i", "ab", layout, _CharTokenizer(), length=0,
-                                   image_tokens=8, audio_tokens=0)
+  prompt = prompts.build_prompt("t2i", "ab", layout, _CharTokenizer(), length=0,
+                                image_tokens=8, audio_tokens=0)
   rows = 8
   inputs = {"tokens": np.tile(prompt.tokens, (rows, 1)),
             "positions": np.tile(np.arange(len(prompt.tokens), dtype=np.int32), (rows, 1)),
@@ -55,7 +56,7 @@ def test_model_sampling_on_one_device_and_a_data_mesh_of_eight():
       stack.enter_context(jax.set_mesh(trainer.mesh))
       stack.enter_context(nn.logical_axis_rules(trainer.rules))
       outs.append(np.asarray(sampling.sample(
-          sample_cli.model_denoiser(trainer.graphdef), batch, jax.random.key(1, impl="rbg"),
+          restore.model_denoiser(trainer.graphdef), batch, jax.random.key(1, impl="rbg"),
           settings, mask_id=layout.mask, params=params,
           logit_bias=sampling.logit_bias(layout, strict=True))))
   out = outs[0]
@@ -67,13 +68,13 @@ def test_model_sampling_on_one_device_and_a_data_mesh_of_eight():
 
 
 def test_prompt_layouts_follow_the_training_pipeline():
-  from tmdiff import sample as sample_cli
   from tmdiff.data import pipeline
+  from tmdiff.diffusion import prompts
   tok = _CharTokenizer()
   caption = LAYOUT.to_unified(tok.encode("abc"), vocab_lib.TEXT)
   for task, modality, n in (("t2i", vocab_lib.IMAGE, 5), ("t2s", vocab_lib.AUDIO, 6)):
-    p = sample_cli.build_prompt(task, "abc", LAYOUT, tok, length=0, image_tokens=5,
-                                audio_tokens=6)
+    p = prompts.build_prompt(task, "abc", LAYOUT, tok, length=0, image_tokens=5,
+                             audio_tokens=6)
     start = LAYOUT.range_of(modality)[0]
     ref = pipeline.pair_example(caption, np.full(n, start), modality, LAYOUT)
     expected = np.where(ref["modality"] == modality, MASK, ref["tokens"])
@@ -81,28 +82,28 @@ def test_prompt_layouts_follow_the_training_pipeline():
     np.testing.assert_array_equal(p.modality, ref["modality"])
     np.testing.assert_array_equal(p.cond_mask, ref["cond_mask"])
     assert np.all(p.tokens[p.target] == MASK) and p.target.stop - p.target.start == n
-  p = sample_cli.build_prompt("infill", "ab____c", LAYOUT, tok, length=0, image_tokens=0,
-                              audio_tokens=0, infill_tokens=3)
+  p = prompts.build_prompt("infill", "ab____c", LAYOUT, tok, length=0, image_tokens=0,
+                           audio_tokens=0, infill_tokens=3)
   assert list(p.tokens[[0, -1]]) == [LAYOUT.bos, LAYOUT.eos]
   assert (p.tokens == MASK).sum() == 3 and list(p.tokens[3:6]) == [MASK] * 3
-  p = sample_cli.build_prompt("text", "ab", LAYOUT, tok, length=10, image_tokens=0,
-                              audio_tokens=0)
+  p = prompts.build_prompt("text", "ab", LAYOUT, tok, length=10, image_tokens=0,
+                           audio_tokens=0)
   assert len(p.tokens) == 10 and (p.tokens == MASK).sum() == 7
-  with pytest.raises(sample_cli.SampleError, match="unknown task"):
-    sample_cli.build_prompt("video", "x", LAYOUT, tok, length=8, image_tokens=0, audio_tokens=0)
-  with pytest.raises(sample_cli.SampleError, match="placeholder"):
-    sample_cli.build_prompt("infill", "no gap", LAYOUT, tok, length=8, image_tokens=0,
-                            audio_tokens=0)
+  with pytest.raises(prompts.SampleError, match="unknown task"):
+    prompts.build_prompt("video", "x", LAYOUT, tok, length=8, image_tokens=0, audio_tokens=0)
+  with pytest.raises(prompts.SampleError, match="placeholder"):
+    prompts.build_prompt("infill", "no gap", LAYOUT, tok, length=8, image_tokens=0,
+                         audio_tokens=0)
 
 
 def test_png_writer_round_trips(tmp_path):
   import struct
   import zlib
 
-  from tmdiff import sample as sample_cli
+  from tmdiff.data.tokenizers import image as image_lib
   image = np.random.default_rng(0).integers(0, 256, (5, 7, 3)).astype(np.uint8)
   path = str(tmp_path / "x.png")
-  sample_cli.write_png(path, image)
+  image_lib.write_png(path, image)
   data = open(path, "rb").read()
   assert data[:8] == b"\x89PNG\r\n\x1a\n"
   width, height = struct.unpack(">II", data[16:24])
@@ -113,13 +114,13 @@ def test_png_writer_round_trips(tmp_path):
   rows = np.frombuffer(raw, np.uint8).reshape(5, 1 + 7 * 3)
   assert np.all(rows[:, 0] == 0)
   np.testing.assert_array_equal(rows[:, 1:].reshape(5, 7, 3), image)
-  grid = sample_cli.image_grid(np.stack([image] * 3), scale=2)
+  grid = image_lib.image_grid(np.stack([image] * 3), scale=2)
   assert grid.shape == (2 * 10 + 2, 2 * 14 + 2, 3)
 
 
 def test_cli_errors_name_the_problem(tmp_path):
   from tmdiff import sample as sample_cli
-  from tmdiff.train import checkpoint
+  from tmdiff.train import checkpoint, restore
   with pytest.raises(checkpoint.CheckpointError, match="no checkpoint directory"):
     sample_cli.run(str(tmp_path / "nothing"), "t2i", "a", str(tmp_path / "a.png"))
   with pytest.raises(sample_cli.SampleError, match="unknown task"):
@@ -129,10 +130,10 @@ def test_cli_errors_name_the_problem(tmp_path):
   config = get_base_config()
   config.data.data_dir = "no/such/dir"
   with pytest.raises(sample_cli.SampleError, match="no prepared data directory"):
-    sample_cli.resolve_data_dir(config, str(tmp_path / "runs" / "x"))
+    restore.resolve_data_dir(config, str(tmp_path / "runs" / "x"))
   saved = json.loads(config.to_json())
   del saved["sampling"]
   saved["model"]["d_model"] = 48
   saved["cfg_window_legacy"] = 1
-  rebuilt = sample_cli.config_from_saved(saved)
+  rebuilt = restore.config_from_saved(saved)
   assert rebuilt.model.d_model == 48 and rebuilt.sampling.image.steps == 64

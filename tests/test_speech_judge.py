@@ -68,9 +68,10 @@ def _offline(monkeypatch):
 
 
 def test_assets_hold_the_clean_validation_speech_prepare_spoke(speech_data):
+  from tmdiff.data.tokenizers import load_prepared
   from tmdiff.eval import judges
   data, validation = speech_data
-  audio_tok = judges.load_tokenizers(data, ("audio",))["audio"]
+  audio_tok = load_prepared(data, ("audio",))["audio"]
   feats, transcripts, ids = sa.load_split(data, "validation", audio_tok)
   assert transcripts == [v["transcript"] for v in validation]
   assert ids == [m["id"] for _, m in judges.read_records(data, "audio_text", "validation")]

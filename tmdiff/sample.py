@@ -22,16 +22,12 @@ import contextlib
 import dataclasses
 import json
 import os
-import struct
 import time
-import zlib
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-TASKS = ("text", "t2i", "t2s", "infill")
-PLACEHOLDER = "____"
-TASK_MODALITY = {"text": "text", "infill": "text", "t2i": "image", "t2s": "audio"}
+from tmdiff.diffusion.prompts import PLACEHOLDER, TASK_MODALITY, TASKS, SampleError, build_prompt
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory holding checkpoints/")
 _TASK = flags.DEFINE_string("task", None, f"one of {TASKS}")
@@ -55,101 +51,7 @@ _TOP_P = flags.DEFINE_float("top_p", None, "override sampling.<modality>.top_p")
 _CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "override sampling.<modality>.cfg_scale")
 
 
-class SampleError(ValueError):
-  """A user-facing problem (task, prompt, data dir); the message says what to fix."""
-
-
-# --- config and data -------------------------------------------------------------------------
-def config_from_saved(saved: dict):
-  """The base config updated with a checkpoint's saved config (keys the base lacks are
-  skipped with a warning; keys the saved one lacks, e.g. `sampling`, keep base defaults)."""
-  from tmdiff.configs.base import get_base_config
-  config = get_base_config()
-
-  def merge(target, values, prefix):
-    for key, value in values.items():
-      name = f"{prefix}{key}"
-      if key not in target:
-        logging.warning("saved config key %s is not in the base config; ignored", name)
-      elif isinstance(value, dict):
-        merge(target[key], value, name + ".")
-      else:
-        if isinstance(target[key], tuple) and isinstance(value, list):
-          value = tuple(value)
-        target[key] = value
-  merge(config, saved, "")
-  return config
-
-
-SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
-
-
-def apply_sampling_defaults(config, workdir: str) -> dict:
-  """Applies `workdir/sampling_defaults.json` ({modality: {setting: value}}, written by
-  `python -m tmdiff.eval.sweep`) to config.sampling; returns what it applied ({} if absent)."""
-  from tmdiff.diffusion import sampling
-  path = os.path.join(workdir, SAMPLING_DEFAULTS_FILE)
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    tuned = json.load(f)
-  for modality, values in tuned.items():
-    if modality not in config.sampling or not isinstance(values, dict):
-      raise SampleError(f"{path}: {modality!r} is not a sampling modality "
-                        f"{tuple(config.sampling)}")
-    for key, value in values.items():
-      if key not in sampling.FIELDS:
-        raise SampleError(f"{path}: {modality}.{key} is not a sampler setting {sampling.FIELDS}")
-      config.sampling[modality][key] = tuple(value) if isinstance(value, list) else value
-    sampling.settings_from_config(config, modality)  # validates the result
-  logging.info("sampling defaults from %s: %s", path, tuned)
-  return tuned
-
-
-def resolve_data_dir(config, workdir: str, override: str | None = None) -> str:
-  """The data dir with a manifest: --data_dir, else config.data.data_dir as given, relative to
-  the current directory, or relative to any parent of the workdir (runs are often launched
-  from the directory above `runs/`)."""
-  from tmdiff.data import records
-  if override:
-    candidates = [override]
-  else:
-    given = config.data.data_dir
-    if not given:
-      raise SampleError("the checkpoint's config has no data.data_dir (synthetic data has no "
-                        "tokenizers); pass --data_dir=<prepared data dir>")
-    candidates = [given]
-    if not os.path.isabs(given):
-      parent = os.path.dirname(os.path.abspath(workdir))
-      while True:
-        candidates.append(os.path.join(parent, given))
-        if os.path.dirname(parent) == parent:
-          break
-        parent = os.path.dirname(parent)
-  for directory in candidates:
-    if os.path.exists(os.path.join(directory, records.MANIFEST)):
-      return os.path.abspath(directory)
-  raise SampleError(f"no prepared data directory (with {records.MANIFEST}) found; tried "
-                    f"{candidates}; pass --data_dir")
-
-
-@dataclasses.dataclass
-class Prompt:
-  """One row: unified tokens, modality and condition mask, and where the generation lands."""
-  tokens: np.ndarray
-  modality: np.ndarray
-  cond_mask: np.ndarray
-  target: slice  # the span to decode (text tasks: prompt and generation together)
-  task: str
-
-
-def _encode_text(text_tokenizer, layout, text: str) -> np.ndarray:
-  from tmdiff.data import vocab as vocab_lib
-  if not text:
-    return np.zeros((0,), np.int32)
-  return layout.to_unified(text_tokenizer.encode(text), vocab_lib.TEXT)
-
-
+# --- data ------------------------------------------------------------------------------------
 def audio_tokens_per_text_token(manifest) -> float:
   """Audio tokens per transcript token in the prepared training data (duration estimate)."""
   try:
@@ -159,78 +61,7 @@ def audio_tokens_per_text_token(manifest) -> float:
     return 31.25 / 6.0  # fallback: 31.25 tokens/s at ~6 text tokens per second of speech
 
 
-def build_prompt(task: str, text: str, layout, text_tokenizer, *, length: int,
-                 image_tokens: int, audio_tokens: int, infill_tokens: int = 8) -> Prompt:
-  from tmdiff.data import vocab as vocab_lib
-  if task not in TASKS:
-    raise SampleError(f"unknown task {task!r}; choose from {TASKS}")
-  mask = layout.mask
-  if task == "text":
-    ids = _encode_text(text_tokenizer, layout, text)
-    n_masks = length - 1 - len(ids)
-    if n_masks < 1:
-      raise SampleError(f"text prompt is {len(ids)} tokens; --length={length} leaves no room")
-    tokens = np.concatenate([[layout.bos], ids, np.full(n_masks, mask)])
-    return Prompt(tokens.astype(np.int32), np.zeros(len(tokens), np.int32),
-                  np.zeros(len(tokens), np.int32), slice(1, len(tokens)), task)
-  if task == "infill":
-    if PLACEHOLDER not in text:
-      raise SampleError(f"infill prompt needs at least one {PLACEHOLDER!r} placeholder")
-    pieces = []
-    for i, part in enumerate(text.split(PLACEHOLDER)):
-      if i:
-        pieces.append(np.full(infill_tokens, mask))
-      pieces.append(_encode_text(text_tokenizer, layout, part))
-    tokens = np.concatenate([[layout.bos], *pieces, [layout.eos]]).astype(np.int32)
-    return Prompt(tokens, np.zeros(len(tokens), np.int32), np.zeros(len(tokens), np.int32),
-                  slice(1, len(tokens) - 1), task)
-  # Pairs: <bos> cond <boX> target <eoX> <eos>, the layout of data.pipeline.pair_example.
-  if not text:
-    raise SampleError(f"task {task} needs a --prompt (caption or transcript)")
-  cond = _encode_text(text_tokenizer, layout, text)
-  modality, n, begin, end = ((vocab_lib.IMAGE, image_tokens, layout.boi, layout.eoi)
-                             if task == "t2i" else
-                             (vocab_lib.AUDIO, audio_tokens, layout.boa, layout.eoa))
-  tokens = np.concatenate([[layout.bos], cond, [begin], np.full(n, mask), [end, layout.eos]])
-  start = len(cond) + 2
-  modality_ids = np.zeros(len(tokens), np.int32)
-  modality_ids[start:start + n] = modality
-  cond_mask = np.zeros(len(tokens), np.int32)
-  cond_mask[:len(cond) + 1] = 1
-  return Prompt(tokens.astype(np.int32), modality_ids, cond_mask, slice(start, start + n), task)
-
-
 # --- outputs ---------------------------------------------------------------------------------
-def write_png(path: str, image: np.ndarray) -> None:
-  """HxWx3 uint8 -> an 8-bit RGB PNG (zlib + struct; no imaging library needed)."""
-  image = np.ascontiguousarray(image, np.uint8)
-  if image.ndim != 3 or image.shape[2] != 3:
-    raise ValueError(f"write_png wants HxWx3 uint8, got shape {image.shape}")
-  height, width, _ = image.shape
-  raw = b"".join(b"\x00" + image[y].tobytes() for y in range(height))  # filter type 0 per row
-
-  def chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-  header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-  with open(path, "wb") as f:
-    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
-
-def image_grid(images: np.ndarray, scale: int = 1, gap: int = 2) -> np.ndarray:
-  """[N, H, W, 3] -> one image, ceil(sqrt(N)) columns, white gaps, nearest upscaling."""
-  images = np.repeat(np.repeat(images, scale, axis=1), scale, axis=2)
-  n, h, w, _ = images.shape
-  cols = int(np.ceil(np.sqrt(n)))
-  rows = -(-n // cols)
-  grid = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, np.uint8)
-  for i, img in enumerate(images):
-    r, c = divmod(i, cols)
-    grid[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = img
-  return grid
-
-
 def decode_text(ids: np.ndarray, layout, text_tokenizer) -> str:
   """Text ids up to the first <eos>; other special tokens are dropped."""
   from tmdiff.data import vocab as vocab_lib
@@ -250,17 +81,7 @@ def _suffixed(path: str, i: int, n: int) -> str:
   return f"{root}-{i}{ext}"
 
 
-# --- the model -------------------------------------------------------------------------------
-def model_denoiser(graphdef):
-  """(params, tokens, positions, segment_ids, modality) -> float32 logits, for sampling.sample."""
-  from flax import nnx
-
-  def denoise(params, tokens, positions, segment_ids, modality):
-    model = nnx.merge(graphdef, params)
-    return model.logits(model(tokens, positions, segment_ids, modality))
-  return denoise
-
-
+# --- sampling --------------------------------------------------------------------------------
 def run(workdir: str, task: str, prompt_text: str, out: str, *, num: int = 1, seed: int = 0,
         step: int | None = None, data_dir: str | None = None, length: int | None = None,
         infill_tokens: int = 8, audio_tokens: int | None = None, png_scale: int = 4,
@@ -279,27 +100,19 @@ def run(workdir: str, task: str, prompt_text: str, out: str, *, num: int = 1, se
   from tmdiff.data import tokenizers
   from tmdiff.data import vocab as vocab_lib
   from tmdiff.diffusion import sampling
-  from tmdiff.train import checkpoint
-  from tmdiff.train.trainer import Trainer, make_mesh
+  from tmdiff.train import restore as restore_lib
 
-  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
-    raise checkpoint.CheckpointError(f"no checkpoint directory {checkpoint.checkpoint_dir(workdir)}"
-                                     f" (is --workdir={workdir!r} a training run?)")
-  config = config_from_saved(checkpoint.read_config(workdir, step))
-  apply_sampling_defaults(config, workdir)
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+  config, _ = restore_lib.load_config(workdir, step)
   layout = vocab_lib.VocabLayout.from_config(config.vocab)
-  data_dir = resolve_data_dir(config, workdir, data_dir)
+  data_dir = restore_lib.resolve_data_dir(config, workdir, data_dir)
   manifest = records.Manifest.load(data_dir)
   needed = {"text": ("text",), "infill": ("text",), "t2i": ("text", "image"),
             "t2s": ("text", "audio")}[task]
-  toks = {}
+  toks = tokenizers.load_prepared(data_dir, needed)
   for name in needed:
-    path = manifest.tokenizer_dir(data_dir, name)
-    if path is None:
+    if name not in toks:
       raise SampleError(f"{data_dir}/{records.MANIFEST} lists no {name} tokenizer (got "
                         f"{manifest.tokenizers.get(name)!r}); prepare the data with one")
-    toks[name] = tokenizers.load_tokenizer(path)
 
   image_tokens = int(toks["image"].tokens_per_image) if "image" in toks else 0
   if task == "t2s":
@@ -319,10 +132,8 @@ def run(workdir: str, task: str, prompt_text: str, out: str, *, num: int = 1, se
   settings = sampling.settings_from_config(config, modality_name)
   settings = settings.replace(**(overrides or {}))
 
-  mesh = make_mesh(config)
-  trainer = Trainer(config, mesh)
-  restored_step, params = checkpoint.restore_params(workdir, trainer.abstract_state["params"],
-                                                    step=step)
+  run = restore_lib.restore(workdir, step=step, config=config)
+  trainer, mesh, params = run.trainer, run.mesh, run.params
   n_rows = len(prompt.tokens)
   batch = {
       "tokens": np.tile(prompt.tokens, (num, 1)),
@@ -334,7 +145,7 @@ def run(workdir: str, task: str, prompt_text: str, out: str, *, num: int = 1, se
   data_size = mesh.shape["data"]
   sharding = trainer.batch_sharding if num % data_size == 0 else trainer.replicated
   batch = {k: jax.device_put(v, sharding) for k, v in batch.items()}
-  denoise = model_denoiser(trainer.graphdef)
+  denoise = restore_lib.model_denoiser(trainer.graphdef)
   started = time.time()
   with contextlib.ExitStack() as stack:
     stack.enter_context(jax.set_mesh(mesh))
@@ -357,9 +168,10 @@ def run(workdir: str, task: str, prompt_text: str, out: str, *, num: int = 1, se
         f.write(text.rstrip("\n") + "\n")
     written.append(out)
   elif task == "t2i":
+    from tmdiff.data.tokenizers import image as image_lib
     images = np.stack([toks["image"].decode(layout.to_local(row, vocab_lib.IMAGE))
                        for row in generated])
-    write_png(out, image_grid(images, scale=png_scale))
+    image_lib.write_png(out, image_lib.image_grid(images, scale=png_scale))
     written.append(out)
   else:
     from tmdiff.data.tokenizers import audio as audio_lib
@@ -369,7 +181,7 @@ def run(workdir: str, task: str, prompt_text: str, out: str, *, num: int = 1, se
       path = _suffixed(out, i, num)
       audio_lib.write_wav(path, wave, rate)
       written.append(path)
-  summary = {"task": task, "prompt": prompt_text, "checkpoint_step": int(restored_step),
+  summary = {"task": task, "prompt": prompt_text, "checkpoint_step": run.step,
              "settings": dataclasses.asdict(settings), "num": num, "seed": seed,
              "sequence_tokens": n_rows, "generated_tokens": int(generated.shape[1]),
              "sampling_seconds": round(seconds, 3), "outputs": written}

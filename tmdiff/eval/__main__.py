@@ -29,7 +29,6 @@ import time
 from absl import logging
 
 PARTS = ("elbo", "text", "t2i", "t2s")
-TASK_MODALITY = {"text": "text", "t2i": "image", "t2s": "audio"}
 TASK_JUDGE = {"text": "text", "t2i": "image", "t2s": "speech"}
 
 
@@ -41,6 +40,7 @@ def run_eval(workdir: str, *, step: int | None = None, data_dir: str | None = No
 
   `judge_settings` ({judge: {setting: value}}) overrides judge training settings (tests)."""
   from tmdiff.data.sources import SourceError
+  from tmdiff.diffusion.prompts import TASK_MODALITY
   from tmdiff.eval import elbo as elbo_lib
   from tmdiff.eval import generation
   from tmdiff.eval.judges import JudgeError
@@ -118,7 +118,7 @@ def _judge(run, name: str, settings: dict):
 
 
 def _write_samples(task: str, result: dict, out: str) -> dict:
-  from tmdiff import sample as sample_lib
+  from tmdiff.data.tokenizers import image as image_lib
   if task == "text":
     path = os.path.join(out, "text_samples.txt")
     with open(path, "w") as f:
@@ -127,7 +127,7 @@ def _write_samples(task: str, result: dict, out: str) -> dict:
     return {"file": path, "texts": result["texts"]}
   if task == "t2i":
     path = os.path.join(out, "t2i_grid.png")
-    sample_lib.write_png(path, sample_lib.image_grid(result["images"], scale=4))
+    image_lib.write_png(path, image_lib.image_grid(result["images"], scale=4))
     return {"file": path, "captions": result["captions"], "all_attributes_match": result["match"]}
   from tmdiff.data.tokenizers import audio as audio_lib
   folder = os.path.join(out, "t2s")
@@ -184,10 +184,10 @@ def main(argv=None) -> None:
   from tmdiff.data.pipeline import DataConfigError
   from tmdiff.data.records import RecordError
   from tmdiff.data.tokenizers import TokenizerLoadError
+  from tmdiff.diffusion.prompts import SampleError
   from tmdiff.diffusion.sampling import SamplerError
   from tmdiff.eval.generation import EvalError
   from tmdiff.eval.judges import JudgeError
-  from tmdiff.sample import SampleError
   from tmdiff.train.checkpoint import CheckpointError
   parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
   try:

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 
 import jax
 import numpy as np
 from absl import logging
 
 from tmdiff.data import vocab as vocab_lib
+from tmdiff.diffusion import prompts as prompts_lib
+from tmdiff.diffusion.prompts import SampleError
+from tmdiff.train import restore as restore_lib
 
 TASK_SALT = {"text": 0x7E47, "t2i": 0x7217, "t2s": 0x7255}
 
@@ -33,51 +35,30 @@ class EvalError(ValueError):
 
 
 @dataclasses.dataclass
-class Restored:
-  workdir: str
-  step: int
-  config: object
-  trainer: object
-  params: object
-  layout: vocab_lib.VocabLayout
+class Restored(restore_lib.Restored):
   data_dir: str | None          # None: synthetic data (no tokenizers, no prompts)
   tokenizers: dict
   sampling_defaults: dict       # what <workdir>/sampling_defaults.json applied
-
-  @property
-  def mesh(self):
-    return self.trainer.mesh
 
 
 def restore(workdir: str, *, step: int | None = None, data_dir: str | None = None,
             devices=None) -> Restored:
   """The checkpoint's config and parameters on a data-parallel mesh of `devices` (all)."""
-  from tmdiff import sample as sample_lib
-  from tmdiff.eval import judges as judges_lib
-  from tmdiff.train import checkpoint
-  from tmdiff.train.trainer import Trainer, make_mesh
-  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
-    raise checkpoint.CheckpointError(
-        f"no checkpoint directory {checkpoint.checkpoint_dir(workdir)} (is --workdir={workdir!r}"
-        " a training run?)")
+  from tmdiff.data import tokenizers
   from tmdiff.eval import elbo as elbo_lib
-  config = sample_lib.config_from_saved(checkpoint.read_config(workdir, step))
-  tuned = sample_lib.apply_sampling_defaults(config, workdir)
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+  config, tuned = restore_lib.load_config(workdir, step)
   config.model.dtype = elbo_lib.EVAL_DTYPE  # sampling too: see tmdiff.eval.elbo
   resolved = None
   if config.data.source == "prepared" or data_dir:
     try:
-      resolved = sample_lib.resolve_data_dir(config, workdir, data_dir)
-    except sample_lib.SampleError as e:
+      resolved = restore_lib.resolve_data_dir(config, workdir, data_dir)
+    except SampleError as e:
       raise EvalError(f"the checkpoint was trained on prepared data but {e}") from None
     config.data.source, config.data.data_dir = "prepared", resolved
-  trainer = Trainer(config, make_mesh(config, devices))
-  restored_step, params = checkpoint.restore_params(workdir, trainer.abstract_state["params"],
-                                                    step=step)
-  toks = judges_lib.load_tokenizers(resolved) if resolved else {}
-  return Restored(workdir, int(restored_step), config, trainer, params,
-                  vocab_lib.VocabLayout.from_config(config.vocab), resolved, toks, tuned)
+  run = restore_lib.restore(workdir, step=step, config=config, devices=devices)
+  toks = tokenizers.load_prepared(resolved) if resolved else {}
+  return Restored(**{f.name: getattr(run, f.name) for f in dataclasses.fields(run)},
+                  data_dir=resolved, tokenizers=toks, sampling_defaults=tuned)
 
 
 def settings_for(run: Restored, modality: str, overrides: dict | None = None):
@@ -117,7 +98,7 @@ def sample_rows(run: Restored, inputs: dict[str, np.ndarray], settings, *, seed:
   trainer = run.trainer
   n = len(inputs["tokens"])
   physical = elbo_lib.physical_batch(trainer, batch_size)
-  denoise = _denoiser(trainer)
+  denoise = restore_lib.model_denoiser(trainer.graphdef)
   bias = sampling.logit_bias(run.layout, strict=True)
   base = jax.random.key(seed)
 
@@ -141,18 +122,6 @@ def sample_rows(run: Restored, inputs: dict[str, np.ndarray], settings, *, seed:
   return np.concatenate(out)
 
 
-_DENOISERS = {}
-
-
-def _denoiser(trainer):
-  """One denoiser function object per model graph (the sampler's jit cache keys on it), so
-  restoring the same model again reuses its compiled samplers."""
-  from tmdiff import sample as sample_lib
-  if trainer.graphdef not in _DENOISERS:
-    _DENOISERS[trainer.graphdef] = sample_lib.model_denoiser(trainer.graphdef)
-  return _DENOISERS[trainer.graphdef]
-
-
 # --- the three tasks -------------------------------------------------------------------------
 def _need(run: Restored, *names):
   if run.data_dir is None:
@@ -164,13 +133,13 @@ def _need(run: Restored, *names):
 
 def text_task(run: Restored, judge, *, num: int, settings, seed: int, batch_size: int) -> dict:
   """Unconditional text: judge perplexity, unigram entropy of each sample vs reference text."""
-  from tmdiff import sample as sample_lib
   from tmdiff.eval import judges as judges_lib
   from tmdiff.eval import text_judge
   _need(run, "text")
   layout, tok = run.layout, run.tokenizers["text"]
-  prompt = sample_lib.build_prompt("text", "", layout, tok, length=int(run.config.data.seq_len),
-                                   image_tokens=0, audio_tokens=0)
+  prompt = prompts_lib.build_prompt("text", "", layout, tok,
+                                    length=int(run.config.data.seq_len), image_tokens=0,
+                                    audio_tokens=0)
   inputs = stack_prompts([prompt] * num, layout.pad)
   out = sample_rows(run, inputs, settings, seed=seed ^ TASK_SALT["text"],
                     batch_size=batch_size, progress="text samples")
@@ -212,7 +181,6 @@ def _validation_records(run: Restored, source: str, num: int, first: int = 0) ->
 def t2i_task(run: Restored, judge, *, num: int, settings, seed: int, batch_size: int,
              first: int = 0) -> dict:
   """Captions of held-out images -> images; the judge checks shape, colour, position, count."""
-  from tmdiff import sample as sample_lib
   from tmdiff.eval import image_judge
   _need(run, "text", "image")
   layout, toks = run.layout, run.tokenizers
@@ -221,8 +189,8 @@ def t2i_task(run: Restored, judge, *, num: int, settings, seed: int, batch_size:
   objects = [meta.get("attributes", {}).get("objects") or image_judge.parse_caption(c)
              for (_, meta), c in zip(records, captions)]
   n_image = int(toks["image"].tokens_per_image)
-  prompts = [sample_lib.build_prompt("t2i", c, layout, toks["text"], length=0,
-                                     image_tokens=n_image, audio_tokens=0) for c in captions]
+  prompts = [prompts_lib.build_prompt("t2i", c, layout, toks["text"], length=0,
+                                      image_tokens=n_image, audio_tokens=0) for c in captions]
   out = sample_rows(run, stack_prompts(prompts, layout.pad), settings,
                     seed=seed ^ TASK_SALT["t2i"], batch_size=batch_size, progress="t2i samples")
   ids = np.stack([out[i, p.target] for i, p in enumerate(prompts)])
@@ -237,14 +205,13 @@ def t2i_task(run: Restored, judge, *, num: int, settings, seed: int, batch_size:
 def t2s_task(run: Restored, judge, *, num: int, settings, seed: int, batch_size: int,
              first: int = 0) -> dict:
   """Transcripts of held-out utterances -> audio; the recogniser's WER against the prompt."""
-  from tmdiff import sample as sample_lib
   from tmdiff.eval import speech_judge
   _need(run, "text", "audio")
   layout, toks = run.layout, run.tokenizers
   records = _validation_records(run, "audio_text", num, first)
   transcripts = [meta["transcript"] for _, meta in records]
-  prompts = [sample_lib.build_prompt("t2s", t, layout, toks["text"], length=0, image_tokens=0,
-                                     audio_tokens=int(a["audio"].size))
+  prompts = [prompts_lib.build_prompt("t2s", t, layout, toks["text"], length=0,
+                                      image_tokens=0, audio_tokens=int(a["audio"].size))
              for (a, _), t in zip(records, transcripts)]
   out = sample_rows(run, stack_prompts(prompts, layout.pad), settings,
                     seed=seed ^ TASK_SALT["t2s"], batch_size=batch_size, progress="t2s samples")

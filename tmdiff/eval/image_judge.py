@@ -218,11 +218,11 @@ def _round_trip(tokenizer, images: np.ndarray) -> np.ndarray:
 
 
 def train(data_dir: str, **overrides) -> ImageJudge:
-  from tmdiff.data import records
+  from tmdiff.data import records, tokenizers
   from tmdiff.data.tokenizers import _nn
   s = settings_dict(**overrides)
   size = int(records.Manifest.load(data_dir).extra.get("image_size", 32))
-  tokenizer = judges_lib.load_tokenizers(data_dir, ("image",)).get("image")
+  tokenizer = tokenizers.load_prepared(data_dir, ("image",)).get("image")
   judges_lib.log(NAME, f"drawing {s['images']} training images ({size}x{size})")
   images, objects = fresh_images(TRAIN_STREAM, s["images"], s["seed"], size)
   labels = np.stack([labels_of(o) for o in objects])

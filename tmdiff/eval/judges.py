@@ -60,19 +60,6 @@ def read_records(data_dir: str, source: str, split: str, limit: int | None = Non
   return [reader[i] for i in range(n)]
 
 
-def load_tokenizers(data_dir: str, names=("text", "image", "audio")) -> dict:
-  """The prepared data's tokenizers, those named that its manifest lists (paths relative to
-  `data_dir`: `Manifest.tokenizer_dir`); a listed tokenizer that is missing is an error."""
-  from tmdiff.data import tokenizers
-  manifest = records_lib.Manifest.load(data_dir)
-  out = {}
-  for name in names:
-    path = manifest.tokenizer_dir(data_dir, name)
-    if path is not None:
-      out[name] = tokenizers.load_tokenizer(path)
-  return out
-
-
 def save_judge(directory: str, model, info: dict) -> None:
   from tmdiff.data.tokenizers import _nn
   os.makedirs(directory, exist_ok=True)

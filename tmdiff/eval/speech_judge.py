@@ -293,9 +293,10 @@ def _spec_augment(f: np.ndarray, rng: np.random.Generator, s: dict) -> np.ndarra
 
 
 def train(data_dir: str, **overrides) -> SpeechJudge:
+  from tmdiff.data import tokenizers
   from tmdiff.data.tokenizers import _nn
   s = settings_dict(**overrides)
-  toks = judges_lib.load_tokenizers(data_dir, ("text", "audio"))
+  toks = tokenizers.load_prepared(data_dir, ("text", "audio"))
   if "audio" not in toks or "text" not in toks:
     raise judges_lib.JudgeError(f"{data_dir}: the speech judge needs the text and audio "
                                 "tokenizers of the prepared data")

@@ -64,9 +64,9 @@ def sweep(workdir: str, modality: str, *, grid: list[dict] | None = None, quick:
           write_defaults: bool = True, judge_settings: dict | None = None, devices=None,
           first_prompt: int = 0) -> dict:
   """Scores every candidate; writes the table, the JSON and the winner's defaults."""
-  from tmdiff import sample as sample_lib
   from tmdiff.diffusion import sampling
   from tmdiff.eval import generation, judges
+  from tmdiff.train import restore as restore_lib
   if modality not in MODALITY_TASK:
     raise generation.EvalError(f"unknown --modality {modality!r}; choose from "
                                f"{tuple(MODALITY_TASK)}")
@@ -107,7 +107,7 @@ def sweep(workdir: str, modality: str, *, grid: list[dict] | None = None, quick:
   with open(os.path.join(out, f"sweep_{modality}.md"), "w") as f:
     f.write(format_table(report) + "\n")
   if write_defaults and best["rejected"] is None:
-    path = os.path.join(workdir, sample_lib.SAMPLING_DEFAULTS_FILE)
+    path = os.path.join(workdir, restore_lib.SAMPLING_DEFAULTS_FILE)
     tuned = {}
     if os.path.exists(path):
       with open(path) as f:
@@ -169,10 +169,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
   args = parse_args(argv)
   logging.set_verbosity(logging.INFO)
+  from tmdiff.diffusion.prompts import SampleError
   from tmdiff.diffusion.sampling import SamplerError
   from tmdiff.eval.generation import EvalError
   from tmdiff.eval.judges import JudgeError
-  from tmdiff.sample import SampleError
   from tmdiff.train.checkpoint import CheckpointError
   try:
     grid = json.loads(args.grid) if args.grid else None

@@ -46,6 +46,15 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def existing_checkpoint_dir(workdir: str) -> str:
+  """`checkpoint_dir(workdir)`, an error naming it when it does not exist."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"no checkpoint directory {directory} (is --workdir={workdir!r} a "
+                          "training run?)")
+  return directory
+
+
 def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
   if not read_only:
@@ -199,9 +208,7 @@ def _check_config(manager, workdir, step, config) -> None:
 
 def restore_params(workdir: str, abstract_params, *, step=None):
   """Parameters only (for eval and sampling), onto the shardings of `abstract_params`."""
-  directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"no checkpoint directory {directory}")
+  directory = existing_checkpoint_dir(workdir)
   manager = make_manager(workdir, read_only=True)
   step = _resolve_step(manager, workdir, step)
   problem = check_step(os.path.join(directory, str(step)))
@@ -223,6 +230,7 @@ def restore_params(workdir: str, abstract_params, *, step=None):
 
 def read_config(workdir: str, step=None) -> dict:
   """The config saved with a checkpoint, as a dict."""
+  existing_checkpoint_dir(workdir)
   manager = make_manager(workdir, read_only=True)
   step = _resolve_step(manager, workdir, step)
   restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))

@@ -1,6 +1,7 @@
 """Tokenizers for text, image and audio behind one interface (`base.Tokenizer`).
 
-`load_tokenizer(directory)` reads `directory/tokenizer.json` and dispatches on its `kind`:
+`load_tokenizer(directory)` reads `directory/tokenizer.json` and dispatches on its `kind`;
+`load_prepared(data_dir)` loads those a prepared data dir's manifest lists. Kinds:
   sentencepiece  text.TextTokenizer    (text.model: any SentencePiece model with byte fallback)
   fsq_image      image.ImageTokenizer  (params.npz + config)
   fsq_audio      audio.AudioTokenizer  (params.npz + config)
@@ -54,5 +55,18 @@ def load_tokenizer(directory: str) -> Tokenizer:
   return tokenizer_class(manifest["kind"], f"{directory}/tokenizer.json").load(directory)
 
 
-__all__ = ["Tokenizer", "TokenizerLoadError", "load_tokenizer", "register_tokenizer",
-           "tokenizer_class"]
+def load_prepared(data_dir: str, names=("text", "image", "audio")) -> dict[str, Tokenizer]:
+  """The prepared data's tokenizers, those named that its manifest lists (paths relative to
+  `data_dir`: `Manifest.tokenizer_dir`); a listed tokenizer that is missing is an error."""
+  from tmdiff.data import records
+  manifest = records.Manifest.load(data_dir)
+  out = {}
+  for name in names:
+    path = manifest.tokenizer_dir(data_dir, name)
+    if path is not None:
+      out[name] = load_tokenizer(path)
+  return out
+
+
+__all__ = ["Tokenizer", "TokenizerLoadError", "load_prepared", "load_tokenizer",
+           "register_tokenizer", "tokenizer_class"]

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import struct
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +90,36 @@ class ImageAutoencoder(nnx.Module):
       h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
       h = conv(nnx.silu(h))
     return self.dec_out(nnx.silu(h))
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+  """HxWx3 uint8 -> an 8-bit RGB PNG (zlib + struct; no imaging library needed)."""
+  image = np.ascontiguousarray(image, np.uint8)
+  if image.ndim != 3 or image.shape[2] != 3:
+    raise ValueError(f"write_png wants HxWx3 uint8, got shape {image.shape}")
+  height, width, _ = image.shape
+  raw = b"".join(b"\x00" + image[y].tobytes() for y in range(height))  # filter type 0 per row
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+  header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+  with open(path, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def image_grid(images: np.ndarray, scale: int = 1, gap: int = 2) -> np.ndarray:
+  """[N, H, W, 3] -> one image, ceil(sqrt(N)) columns, white gaps, nearest upscaling."""
+  images = np.repeat(np.repeat(images, scale, axis=1), scale, axis=2)
+  n, h, w, _ = images.shape
+  cols = int(np.ceil(np.sqrt(n)))
+  rows = -(-n // cols)
+  grid = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, np.uint8)
+  for i, img in enumerate(images):
+    r, c = divmod(i, cols)
+    grid[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = img
+  return grid
 
 
 def _to_unit(images) -> jax.Array:

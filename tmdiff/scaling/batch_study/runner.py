@@ -76,12 +76,11 @@ def eval_noise(study: Study, run: Run, root: str, devices=None) -> dict:
       return json.load(f)
   from tmdiff.configs import derived
   from tmdiff.eval import elbo as elbo_lib
-  from tmdiff.train import checkpoint as ckpt_lib
-  from tmdiff.train.trainer import Trainer, make_mesh
+  from tmdiff.train import restore as restore_lib
+  from tmdiff.train.trainer import Trainer
   config = run_config(study, run)
-  mesh = make_mesh(config, devices)
-  trainer = Trainer(config, mesh)
-  _, params = ckpt_lib.restore_params(workdir, trainer.abstract_state["params"])
+  restored = restore_lib.restore(workdir, config=config, devices=devices)
+  mesh, params = restored.mesh, restored.params
   rows = elbo_lib.validation_rows(config, study.eval_rows)
   losses = {}
   for k in range(1, study.eval_seeds + 1):
