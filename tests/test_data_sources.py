@@ -63,3 +63,17 @@ def test_wav_round_trip_and_resample(tmp_path):
   assert abs(len(z) - 16000) <= 1
   with pytest.raises(sources.SourceError, match="b.wav: not a RIFF/WAVE"):
     sources.parse_wav(b"garbage" * 10, "b.wav")
+
+
+def test_drawn_captions_follow_the_grammar_and_others_are_named():
+  from tmdiff.data import sources
+  rng = np.random.default_rng(1)
+  assert not [c for c in (sources.draw_image(rng)[1] for _ in range(500))
+              if sources.caption_problems(c)]
+  assert sources.caption_problems("a red circle")
+  assert any("huge" in p for p in sources.caption_problems("one shape: huge red circle center."))
+  assert any("count" in p for p in sources.caption_problems("two shapes: large red circle top."))
+  assert any("row by row" in p for p in sources.caption_problems(
+      "two shapes: large red circle bottom, small blue square top."))
+  for word in (*sources.SHAPES, *sources.COLOURS, *sources.POSITIONS, *sources.SIZES):
+    assert word in sources.CAPTION_GRAMMAR

@@ -1,6 +1,6 @@
 """Generate from a checkpoint: text, text-to-image, text-to-speech, or infilling.
 
-  python -m tmdiff.sample --workdir=runs/tiny --task=t2i --prompt="a red circle" --out=/tmp/a.png
+  python -m tmdiff.sample --workdir=runs/tiny --task=t2i --prompt="one shape: large red circle center." --out=/tmp/a.png
   python -m tmdiff.sample --workdir=runs/tiny --task=t2s --prompt="hello there" --out=/tmp/a.wav
   python -m tmdiff.sample --workdir=runs/tiny --task=text --prompt="KING." --out=/tmp/a.txt
   python -m tmdiff.sample --workdir=runs/tiny --task=infill --prompt="To be, ____ be" --out=b.txt
@@ -25,13 +25,16 @@ import os
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
+from tmdiff.data.sources import CAPTION_GRAMMAR, caption_problems
 from tmdiff.diffusion.prompts import PLACEHOLDER, TASK_MODALITY, TASKS, SampleError, build_prompt
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory holding checkpoints/")
 _TASK = flags.DEFINE_string("task", None, f"one of {TASKS}")
-_PROMPT = flags.DEFINE_string("prompt", "", "prompt text / caption / transcript")
+_PROMPT = flags.DEFINE_string(
+    "prompt", "", "prompt text / caption / transcript. A t2i caption for the embedded images "
+    f"follows their grammar (others are flagged as out of distribution): {CAPTION_GRAMMAR}")
 _OUT = flags.DEFINE_string("out", None, "output file (.txt for text/infill, .png t2i, .wav t2s)")
 _NUM = flags.DEFINE_integer("num", 1, "samples (a PNG grid; WAVs get -i suffixes)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
@@ -124,6 +127,11 @@ def run(workdir: str, task: str, prompt_text: str, out: str, *, num: int = 1, se
     if audio_tokens < 1 or audio_tokens % multiple:
       raise SampleError(f"--audio_tokens={audio_tokens} must be a positive multiple of the audio "
                         f"tokenizer's codes_per_step ({multiple})")
+  problems = caption_problems(prompt_text) if task == "t2i" else []
+  if problems and manifest.extra.get("image_captions", "procedural") == "procedural":
+    logging.warning("--prompt is out of distribution for the training captions (%s); they follow "
+                    "`COUNT shape(s): SIZE COLOUR SHAPE POSITION, ...`, e.g. 'one shape: large "
+                    "red circle center.' (--helpfull shows the grammar)", "; ".join(problems))
   prompt = build_prompt(task, prompt_text, layout, toks["text"],
                         length=length or int(config.data.seq_len), image_tokens=image_tokens,
                         audio_tokens=audio_tokens or 0, infill_tokens=infill_tokens)
@@ -187,6 +195,8 @@ def run(workdir: str, task: str, prompt_text: str, out: str, *, num: int = 1, se
              "sampling_seconds": round(seconds, 3), "outputs": written}
   if texts:
     summary["texts"] = texts
+  if task == "t2i":
+    summary["caption_problems"] = problems
   if task == "t2s":
     summary["audio_seconds"] = round(generated.shape[1] / float(
         manifest.extra.get("audio_tokens_per_second", 31.25)), 2)

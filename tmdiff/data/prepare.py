@@ -442,6 +442,8 @@ def prepare(args, tokenizers: dict[str, Any] | None = None) -> records_lib.Manif
            "image_size": args.image_size, "audio_sample_rate": sources_lib.AUDIO_SAMPLE_RATE,
            "tokenizer_fingerprint": fingerprint, "prepare_seconds": round(time.time() - start, 1),
            "record_schema": records_lib.__doc__}
+  if "image_text" in sources:  # procedural captions follow sources.CAPTION_GRAMMAR
+    extra["image_captions"] = "user" if args.image_dir else "procedural"
   if "image" in toks and hasattr(toks["image"], "tokens_per_image"):
     extra["image_tokens"] = int(toks["image"].tokens_per_image)
   if "audio" in toks:
