@@ -7,18 +7,12 @@ One panel per metric: the train records as a line, the eval records as points.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 
-from absl import flags
-
-from tmdiff import entry
 from tmdiff.train.loop import METRICS_FILE
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "a training workdir (holds metrics.jsonl)")
-_OUT = flags.DEFINE_string("out", "", "the PNG to write (default: WORKDIR/curves.png)")
-_METRICS = flags.DEFINE_list("metrics", "loss,lr,grad_norm",
-                             "metrics to draw, one panel each (any key of metrics.jsonl)")
 
 
 class MetricsError(ValueError):
@@ -80,14 +74,22 @@ def plot(records: list[dict], metrics: list[str], out: str) -> str:
   return out
 
 
-def main(argv):
-  del argv
-  if not _WORKDIR.value:
-    raise MetricsError("--workdir is required")
-  out = plot(read_metrics(_WORKDIR.value), _METRICS.value,
-             _OUT.value or os.path.join(_WORKDIR.value, "curves.png"))
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(prog="tmdiff plot", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True, help="a training workdir (holds metrics.jsonl)")
+  p.add_argument("--out", default="", help="the PNG to write (default: WORKDIR/curves.png)")
+  p.add_argument("--metrics", default="loss,lr,grad_norm",
+                 help="metrics to draw, one panel each (any key of metrics.jsonl)")
+  args = p.parse_args(argv)
+  try:
+    out = plot(read_metrics(args.workdir), args.metrics.split(","),
+               args.out or os.path.join(args.workdir, "curves.png"))
+  except MetricsError as e:
+    print(f"tmdiff plot: MetricsError: {e}", file=sys.stderr)
+    sys.exit(2)
   print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-  entry.run_app(main, "tmdiff.plot", (MetricsError,))
+  main()
